@@ -1,0 +1,63 @@
+//! RabbitMQ for orderflow: connecting, declaring the prefixed topology, and
+//! the AMQP properties that mirror an envelope.
+
+mod properties;
+mod topology;
+
+pub use lapin;
+pub use properties::{HeaderValue, header_i64, header_str, properties_for};
+pub use topology::{QueueSpec, Topology};
+
+use lapin::{Connection, ConnectionProperties};
+
+/// Errors of the broker crate.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker could not be reached or refused the login.
+    #[error("cannot connect to RabbitMQ at {url}: {reason}")]
+    Unreachable {
+        /// The URL tried, password redacted.
+        url: String,
+        /// What the client said.
+        reason: String,
+    },
+    /// A broker operation failed.
+    #[error("broker operation {op} failed: {source}")]
+    Operation {
+        /// What was attempted, e.g. `declare queue orders.inventory`.
+        op: String,
+        /// The client's error.
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl BrokerError {
+    /// Wraps a lapin error with what was being done.
+    pub fn op(op: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
+        let op = op.into();
+        move |source| Self::Operation { op, source }
+    }
+}
+
+/// Opens a connection named `name` (shown in the management UI).
+pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, props).await.map_err(|e| BrokerError::Unreachable {
+        url: redact(url),
+        reason: e.to_string(),
+    })
+}
+
+/// `url` with the password removed, for logs and error messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable amqp url>".to_owned(),
+    }
+}

@@ -1,0 +1,82 @@
+use std::future::Future;
+
+use orderflow_db::{Conn, ErrorClass, classify};
+use orderflow_envelope::events::Event;
+use orderflow_envelope::{DecodeError, Envelope};
+
+/// A message as handed to a [`Handler`]: the envelope and its typed event.
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    /// The envelope (ids, causality, trace context).
+    pub envelope: &'a Envelope,
+    /// The decoded event.
+    pub event: &'a Event,
+}
+
+/// How a handler failed; decides between retrying and dead-lettering.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying later (a downstream hiccup).
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Lost a race with a concurrent change (optimistic version check):
+    /// retry at once.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Retrying gives the same result: dead-letter now.
+    #[error("permanent: {0}")]
+    Permanent(String),
+    /// A dependency (the database pool, a downstream service) is unavailable:
+    /// wait for it and handle the same delivery again.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A database error, classified by [`orderflow_db::classify`].
+    #[error("database: {0}")]
+    Db(#[from] diesel::result::Error),
+}
+
+impl From<DecodeError> for HandlerError {
+    fn from(e: DecodeError) -> Self {
+        Self::Permanent(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for HandlerError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Permanent(format!("serialization: {e}"))
+    }
+}
+
+/// What the runtime does with a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    WaitForDatabase,
+    RetryNow,
+    RetryLater,
+    DeadLetter,
+}
+
+impl HandlerError {
+    pub(crate) fn disposition(&self) -> Disposition {
+        match self {
+            Self::Transient(_) => Disposition::RetryLater,
+            Self::Unavailable(_) => Disposition::WaitForDatabase,
+            Self::Conflict(_) => Disposition::RetryNow,
+            Self::Permanent(_) => Disposition::DeadLetter,
+            Self::Db(e) => match classify(e) {
+                ErrorClass::Connection => Disposition::WaitForDatabase,
+                ErrorClass::Conflict => Disposition::RetryNow,
+                ErrorClass::Permanent => Disposition::DeadLetter,
+            },
+        }
+    }
+}
+
+/// A consumer's business logic. It runs inside the transaction that also
+/// records the message in the inbox: every write it makes (domain rows,
+/// outbox rows) commits or rolls back with that record. It must be correct
+/// when messages arrive late or out of order; duplicates never reach it.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message inside the open transaction `conn`.
+    fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}

@@ -1,0 +1,96 @@
+use diesel::sql_types::{Array, BigInt, Double, SmallInt, Text};
+use diesel_async::RunQueryDsl;
+use orderflow_db::Conn;
+
+use super::publisher::Outcome;
+use super::{RelayConfig, jitter};
+use crate::PendingRow;
+
+/// Claims up to `limit` due rows of `lanes`, in id order, locking them.
+///
+/// A row waits while an earlier event of its aggregate is still unpublished
+/// and not due (backing off) or dead: only that aggregate stops, the rest of
+/// the lane flows. Rows locked by someone else (an operator's replay) are
+/// skipped, never waited for.
+pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel::QueryResult<Vec<PendingRow>> {
+    diesel::sql_query(
+        "SELECT o.id, o.message_id, o.event_type, o.schema_version, o.aggregate_type, \
+                o.aggregate_id, o.aggregate_version, o.payload, o.headers, o.occurred_at, \
+                o.created_at, o.attempts \
+         FROM outbox o \
+         WHERE o.published_at IS NULL AND o.dead_at IS NULL \
+           AND o.lane = ANY($1) AND o.next_attempt_at <= now() \
+           AND NOT EXISTS ( \
+               SELECT 1 FROM outbox e \
+               WHERE e.aggregate_id = o.aggregate_id AND e.id < o.id \
+                 AND e.published_at IS NULL \
+                 AND (e.dead_at IS NOT NULL OR e.next_attempt_at > now())) \
+         ORDER BY o.id \
+         LIMIT $2 \
+         FOR UPDATE OF o SKIP LOCKED",
+    )
+    .bind::<Array<SmallInt>, _>(lanes)
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await
+}
+
+/// Records the outcomes of a batch in the claim transaction.
+pub(crate) async fn mark(
+    conn: &mut Conn,
+    rows: &[PendingRow],
+    outcomes: &[Outcome],
+    cfg: &RelayConfig,
+) -> diesel::QueryResult<()> {
+    let published: Vec<i64> = rows
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| **o == Outcome::Published)
+        .map(|(r, _)| r.id)
+        .collect();
+    if !published.is_empty() {
+        diesel::sql_query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
+            .bind::<Array<BigInt>, _>(&published)
+            .execute(conn)
+            .await?;
+    }
+    for (row, outcome) in rows.iter().zip(outcomes) {
+        let (error, max_attempts) = match outcome {
+            Outcome::Failed(e) => (e, cfg.max_attempts),
+            // Retrying cannot fix the row: dead on this attempt.
+            Outcome::Invalid(e) => (e, 0),
+            Outcome::Published | Outcome::Held => continue,
+        };
+        let delay = backoff(row.attempts, cfg);
+        let dead = row.attempts + 1 >= max_attempts;
+        if dead {
+            tracing::error!(id = row.id, message_id = %row.message_id, event_type = %row.event_type,
+                attempts = row.attempts + 1, error = %error, "outbox row is dead; later events of its aggregate wait");
+            metrics::counter!("outbox_dead_total", "event_type" => row.event_type.clone()).increment(1);
+        } else {
+            tracing::warn!(id = row.id, event_type = %row.event_type, attempts = row.attempts + 1,
+                retry_in = ?delay, error = %error, "publish failed, backing off");
+        }
+        diesel::sql_query(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = $2, \
+                 next_attempt_at = clock_timestamp() + make_interval(secs => $3), \
+                 dead_at = CASE WHEN $4 THEN clock_timestamp() END \
+             WHERE id = $1",
+        )
+        .bind::<BigInt, _>(row.id)
+        .bind::<Text, _>(error)
+        .bind::<Double, _>(delay.as_secs_f64())
+        .bind::<diesel::sql_types::Bool, _>(dead)
+        .execute(conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Backoff of a row after its `attempts`-th failure: base × 2^attempts,
+/// capped, with jitter.
+fn backoff(attempts: i32, cfg: &RelayConfig) -> std::time::Duration {
+    let exp = 2u32.saturating_pow(attempts.clamp(0, 30) as u32);
+    jitter(cfg.retry_base.saturating_mul(exp).min(cfg.retry_max))
+}
+

@@ -1,0 +1,63 @@
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+use diesel_async::RunQueryDsl;
+use orderflow_db::Conn;
+use orderflow_db::schema::outbox;
+use orderflow_envelope::Envelope;
+use uuid::Uuid;
+
+use crate::row::OutboxHeaders;
+
+/// The PostgreSQL channel on which writers wake relays.
+pub const NOTIFY_CHANNEL: &str = "orderflow_outbox";
+
+#[derive(Insertable)]
+#[diesel(table_name = outbox)]
+struct NewRow<'a> {
+    message_id: Uuid,
+    event_type: &'a str,
+    schema_version: String,
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    aggregate_version: i64,
+    lane: i16,
+    payload: &'a serde_json::Value,
+    headers: serde_json::Value,
+    occurred_at: DateTime<Utc>,
+}
+
+/// Appends `events` to the outbox inside the caller's open transaction and
+/// notifies the relay. Nothing is published here: the rows become visible to
+/// the relay, and the notification is delivered, only if the caller commits.
+pub async fn append(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let rows = events
+        .iter()
+        .map(|e| NewRow {
+            message_id: e.message_id,
+            event_type: &e.event_type,
+            schema_version: e.schema_version.to_string(),
+            aggregate_type: &e.aggregate_type,
+            aggregate_id: &e.aggregate_id,
+            aggregate_version: e.aggregate_version,
+            lane: e.lane(),
+            payload: &e.payload,
+            headers: OutboxHeaders::of(e).to_json(),
+            occurred_at: e.occurred_at,
+        })
+        .collect::<Vec<_>>();
+    diesel::insert_into(outbox::table).values(&rows).execute(conn).await?;
+    // One notification per transaction is enough: PostgreSQL folds
+    // identical notifications of a transaction into one.
+    diesel::sql_query("SELECT pg_notify($1, '')")
+        .bind::<Text, _>(NOTIFY_CHANNEL)
+        .execute(conn)
+        .await?;
+    for e in events {
+        metrics::counter!("outbox_appended_total", "event_type" => e.event_type.clone()).increment(1);
+    }
+    Ok(())
+}

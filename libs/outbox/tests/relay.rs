@@ -1,0 +1,181 @@
+//! The relay core against real PostgreSQL and RabbitMQ.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use orderflow_broker::QueueSpec;
+use orderflow_broker::lapin::Channel;
+use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions};
+use orderflow_db::{Conn, Pool};
+use orderflow_envelope::events::{PaymentDeclined, PaymentRefunded};
+use orderflow_envelope::{Envelope, Metadata};
+use orderflow_outbox::relay::{self, RelayConfig};
+use orderflow_testkit::{TestBroker, TestDb, eventually};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn write(pool: &Pool, events: Vec<Envelope>) {
+    let mut conn = pool.get().await.unwrap();
+    let conn: &mut Conn = &mut conn;
+    conn.transaction::<_, diesel::result::Error, _>(async |tx| orderflow_outbox::append(tx, &events).await)
+        .await
+        .unwrap();
+}
+
+fn declined(order: Uuid, version: i64) -> Envelope {
+    Envelope::new(&PaymentDeclined { order_id: order, reason: format!("v{version}") }, version, &Metadata::default())
+        .unwrap()
+}
+
+#[derive(QueryableByName)]
+struct N {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+async fn count(pool: &Pool, sql: &str) -> i64 {
+    let mut conn = pool.get().await.unwrap();
+    diesel::sql_query(sql).get_result::<N>(&mut conn).await.unwrap().n
+}
+
+async fn drain(channel: &Channel, queue: &str) -> Vec<Envelope> {
+    let mut out = Vec::new();
+    while let Some(msg) = channel.basic_get(queue.into(), BasicGetOptions::default()).await.unwrap() {
+        out.push(Envelope::from_slice(&msg.delivery.data).unwrap());
+        msg.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    out
+}
+
+fn probe(bindings: &[&str]) -> QueueSpec {
+    QueueSpec {
+        consumer: "probe".into(),
+        bindings: bindings.iter().map(|s| s.to_string()).collect(),
+        retry_delays: vec![],
+        delivery_limit: 5,
+    }
+}
+
+fn fast(db: &TestDb, broker: &TestBroker) -> RelayConfig {
+    let mut cfg = RelayConfig::new(db.url.clone(), broker.amqp_url.clone(), broker.topology.clone());
+    cfg.poll_interval = Duration::from_millis(100);
+    cfg.retry_base = Duration::from_millis(50);
+    cfg.retry_max = Duration::from_millis(200);
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_every_row_once_in_written_order_per_aggregate() {
+    let db = TestDb::new(None).await;
+    let broker = TestBroker::new().await;
+    let spec = probe(&["#"]);
+    broker.track(&spec);
+    let (_conn, channel) = broker.channel().await;
+    broker.topology.declare_consumer(&channel, &spec).await.unwrap();
+
+    let orders: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    // Interleaved writes, several per transaction, and a batch size smaller
+    // than the backlog so more than one claim is needed.
+    for version in 1..=8 {
+        write(&db.pool, orders.iter().map(|o| declined(*o, version)).collect()).await;
+    }
+    let mut cfg = fast(&db, &broker);
+    cfg.batch_size = 7;
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(relay::run(cfg, shutdown.clone()));
+
+    eventually("all 40 rows marked published", DEADLINE, || async {
+        count(&db.pool, "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL").await == 0
+    })
+    .await;
+    let queue = broker.topology.queue("probe");
+    let got = std::cell::RefCell::new(Vec::new());
+    eventually("40 messages in the queue", DEADLINE, || async {
+        let new = drain(&channel, &queue).await;
+        got.borrow_mut().extend(new);
+        got.borrow().len() >= 40
+    })
+    .await;
+    let got = got.into_inner();
+    assert_eq!(got.len(), 40, "each row exactly once");
+    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
+    for env in &got {
+        versions.entry(env.aggregate_id.clone()).or_default().push(env.aggregate_version);
+    }
+    for (agg, v) in versions {
+        assert_eq!(v, (1..=8).collect::<Vec<_>>(), "order of aggregate {agg}");
+    }
+    shutdown.cancel();
+    relay.await.unwrap();
+}
+
+#[derive(QueryableByName)]
+struct Row {
+    #[diesel(sql_type = BigInt)]
+    attempts: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    last_error: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    dead: i64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_backs_off_then_dies_and_holds_only_its_aggregate() {
+    let db = TestDb::new(None).await;
+    let broker = TestBroker::new().await;
+    // Only payment.declined is routed: payment.refunded comes back unroutable.
+    let spec = probe(&["payment.declined"]);
+    broker.track(&spec);
+    let (_conn, channel) = broker.channel().await;
+    broker.topology.declare_consumer(&channel, &spec).await.unwrap();
+
+    let (stuck, fine) = (Uuid::now_v7(), Uuid::now_v7());
+    let refused = Envelope::new(
+        &PaymentRefunded { order_id: stuck, payment_id: Uuid::now_v7(), amount: 1 },
+        1,
+        &Metadata::default(),
+    )
+    .unwrap();
+    write(&db.pool, vec![refused, declined(stuck, 2), declined(fine, 1), declined(fine, 2)]).await;
+
+    let mut cfg = fast(&db, &broker);
+    cfg.max_attempts = 3;
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(relay::run(cfg, shutdown.clone()));
+
+    eventually("the refused row is dead after 3 attempts", DEADLINE, || async {
+        count(&db.pool, "SELECT count(*) AS n FROM outbox WHERE dead_at IS NOT NULL AND attempts = 3").await == 1
+    })
+    .await;
+    let mut conn = db.pool.get().await.unwrap();
+    let row: Row = diesel::sql_query(
+        "SELECT attempts::bigint AS attempts, last_error, (dead_at IS NOT NULL)::int::bigint AS dead \
+         FROM outbox WHERE event_type = 'payment.refunded'",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((row.attempts, row.dead), (3, 1));
+    assert!(row.last_error.unwrap().contains("NO_ROUTE"));
+
+    // The other aggregate flowed; the stuck one's later event waits behind
+    // its dead predecessor.
+    let got = drain(&channel, &broker.topology.queue("probe")).await;
+    let fine_versions: Vec<i64> =
+        got.iter().filter(|e| e.aggregate_id == fine.to_string()).map(|e| e.aggregate_version).collect();
+    assert_eq!(fine_versions, vec![1, 2]);
+    assert!(got.iter().all(|e| e.aggregate_id != stuck.to_string()), "nothing of the stuck aggregate");
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL AND dead_at IS NULL").await,
+        1,
+        "the stuck aggregate's second event is still waiting"
+    );
+    shutdown.cancel();
+    relay.await.unwrap();
+}

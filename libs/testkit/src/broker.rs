@@ -1,0 +1,61 @@
+use std::sync::Mutex;
+
+use orderflow_broker::lapin::{Channel, Connection};
+use orderflow_broker::{QueueSpec, Topology};
+
+use crate::infra;
+
+/// A topology prefix of its own for one test. Queues of the specs passed to
+/// [`TestBroker::track`] and the events exchange are deleted on drop.
+pub struct TestBroker {
+    /// The broker URL.
+    pub amqp_url: String,
+    /// The test's topology (prefix `t<random>`).
+    pub topology: Topology,
+    tracked: Mutex<Vec<QueueSpec>>,
+}
+
+impl TestBroker {
+    /// A fresh prefix on the test broker.
+    pub async fn new() -> Self {
+        crate::init_tracing();
+        let infra = infra().await;
+        let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        Self { amqp_url: infra.amqp_url.clone(), topology: Topology::new(prefix), tracked: Mutex::new(Vec::new()) }
+    }
+
+    /// Deletes the queues of `spec` when the test ends.
+    pub fn track(&self, spec: &QueueSpec) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        if !tracked.contains(spec) {
+            tracked.push(spec.clone());
+        }
+    }
+
+    /// A connection and a channel on the test broker.
+    pub async fn channel(&self) -> (Connection, Channel) {
+        let conn = orderflow_broker::connect(&self.amqp_url, "test").await.expect("connect to test RabbitMQ");
+        let channel = conn.create_channel().await.expect("channel");
+        (conn, channel)
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let specs = std::mem::take(&mut *self.tracked.lock().unwrap_or_else(|e| e.into_inner()));
+        let (url, topology) = (self.amqp_url.clone(), self.topology.clone());
+        let cleaner = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let conn = orderflow_broker::connect(&url, "test-cleanup").await.map_err(std::io::Error::other)?;
+                let channel = conn.create_channel().await.map_err(std::io::Error::other)?;
+                topology.delete(&channel, &specs).await.map_err(std::io::Error::other)?;
+                let _ = conn.close(200, "bye".into()).await;
+                Ok::<_, std::io::Error>(())
+            })
+        });
+        if let Ok(Err(e)) = cleaner.join() {
+            eprintln!("could not delete test topology {}: {e}", self.topology.prefix());
+        }
+    }
+}
