@@ -22,8 +22,11 @@
 //! `-failed-at`). A retry or dead-letter publish is confirmed by the broker
 //! before the original is acked, so nothing is lost in between.
 
+mod args;
 mod handler;
 mod runtime;
+
+pub use args::ConsumerArgs;
 
 pub use handler::{Handler, HandlerError, Incoming};
 pub use runtime::{ConsumerConfig, headers, run};

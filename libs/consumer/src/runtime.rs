@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
@@ -54,6 +55,8 @@ pub struct ConsumerConfig {
     pub drain_timeout: Duration,
     /// Cap of the reconnect backoff.
     pub reconnect_max: Duration,
+    /// True while the consumer is subscribed to its queue (for `/ready`).
+    pub connected: Arc<AtomicBool>,
 }
 
 impl ConsumerConfig {
@@ -66,6 +69,7 @@ impl ConsumerConfig {
             concurrency: 8,
             drain_timeout: Duration::from_secs(10),
             reconnect_max: Duration::from_secs(30),
+            connected: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -120,6 +124,7 @@ async fn session<H: Handler>(ctx: &Arc<Ctx<H>>, shutdown: &CancellationToken) ->
         .await
         .map_err(|e| e.to_string())?;
     info!(consumer = %spec.consumer, %queue, "consuming");
+    ctx.cfg.connected.store(true, Ordering::Relaxed);
 
     let permits = Arc::new(Semaphore::new(ctx.cfg.concurrency.max(1)));
     let mut tasks = JoinSet::new();
@@ -149,6 +154,7 @@ async fn session<H: Handler>(ctx: &Arc<Ctx<H>>, shutdown: &CancellationToken) ->
         }
     };
 
+    ctx.cfg.connected.store(false, Ordering::Relaxed);
     // Stop taking work, give in-flight messages time to finish, then close:
     // the broker requeues whatever is still unacked.
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;

@@ -17,6 +17,8 @@ pub use migrate::{PLATFORM_MIGRATIONS, ensure_database, migrate};
 pub type Conn = AsyncPgConnection;
 /// A deadpool pool of [`Conn`].
 pub type Pool = diesel_async::pooled_connection::deadpool::Pool<Conn>;
+/// Why no connection could be checked out of a [`Pool`].
+pub type PoolError = diesel_async::pooled_connection::deadpool::PoolError;
 /// A connection checked out of a [`Pool`].
 pub type PooledConn = diesel_async::pooled_connection::deadpool::Object<Conn>;
 

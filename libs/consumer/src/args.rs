@@ -1,0 +1,63 @@
+use std::time::Duration;
+
+use orderflow_broker::{QueueSpec, Topology};
+
+use crate::ConsumerConfig;
+
+/// Broker and consumer options shared by every service's command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsumerArgs {
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Prefix of every exchange and queue name (lets tenants or test runs share a broker).
+    #[arg(long, env = "ORDERFLOW_PREFIX", default_value = "orderflow", value_parser = parse_prefix)]
+    pub topology_prefix: String,
+    /// Messages each consumer handles at once.
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=512))]
+    pub consumer_concurrency: u16,
+    /// Delays of the retry tiers after a transient failure, e.g. `1s,5s,30s`.
+    #[arg(long, env = "CONSUMER_RETRY_DELAYS", default_value = "1s,5s,30s", value_delimiter = ',', value_parser = parse_delay)]
+    pub retry_delays: Vec<Duration>,
+    /// Deliveries after which the broker dead-letters a message by itself
+    /// (protects against a message that crashes its consumer every time).
+    #[arg(long, env = "CONSUMER_DELIVERY_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub delivery_limit: u32,
+}
+
+impl ConsumerArgs {
+    /// The topology these options name.
+    pub fn topology(&self) -> Topology {
+        Topology::new(self.topology_prefix.clone())
+    }
+
+    /// A consumer of `bindings` named `consumer` with these options.
+    pub fn config(&self, consumer: &str, bindings: &[&str]) -> ConsumerConfig {
+        let spec = QueueSpec {
+            consumer: consumer.to_owned(),
+            bindings: bindings.iter().map(|b| (*b).to_owned()).collect(),
+            retry_delays: self.retry_delays.clone(),
+            delivery_limit: self.delivery_limit,
+        };
+        let mut cfg = ConsumerConfig::new(self.amqp_url.clone(), self.topology(), spec);
+        cfg.concurrency = usize::from(self.consumer_concurrency);
+        cfg
+    }
+}
+
+fn parse_delay(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (examples: 500ms, 5s, 1m)"))?;
+    if d.is_zero() {
+        return Err("a retry delay must be more than zero".into());
+    }
+    Ok(d)
+}
+
+/// A prefix must make valid, readable queue names.
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        Ok(s.to_owned())
+    } else {
+        Err("use 1 to 64 letters, digits, '-', '_' or '.'".into())
+    }
+}

@@ -1,0 +1,48 @@
+//! HTTP plumbing shared by orderflow services.
+//!
+//! - [`Problem`]: RFC 9457 `application/problem+json` bodies, naming each
+//!   field at fault;
+//! - [`json_body`]: reads a bounded body and deserializes it strictly, so a
+//!   bad field is reported by its path (`items[0].quantity`);
+//! - [`extractor_errors`]: path and query extractors answering problem+json;
+//! - [`health`], [`ready`] and [`metrics`]: liveness, readiness and
+//!   Prometheus endpoints;
+//! - [`shutdown_signal`]: a token cancelled on SIGINT or SIGTERM.
+
+mod body;
+mod health;
+mod problem;
+
+pub use body::json_body;
+pub use health::{Readiness, health, metrics, ready};
+pub use problem::{FieldError, Problem, extractor_errors, not_found_fallback};
+
+use tokio_util::sync::CancellationToken;
+
+/// A token cancelled when the process gets SIGINT (Ctrl-C) or SIGTERM.
+pub fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown requested");
+        cancel.cancel();
+    });
+    token
+}

@@ -1,0 +1,351 @@
+//! The HTTP API of order-service.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, ResponseError, get, post, web};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use diesel_async::AsyncConnection;
+use orderflow_db::{Conn, ErrorClass, Pool, classify};
+use orderflow_envelope::Metadata;
+use orderflow_web::{Problem, json_body};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::domain::{CreateOrder, Limits, OrderStatus, validate};
+use crate::store::{self, Created, ListQuery, Order, TimelineRow};
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// Database pool.
+    pub pool: Pool,
+    /// Bounds on orders.
+    pub limits: Limits,
+    /// Maximum request body size, bytes.
+    pub max_body_bytes: usize,
+}
+
+/// Errors of the handlers, each mapped to a problem+json response.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A client error with its problem document.
+    #[error(transparent)]
+    Problem(#[from] Problem),
+    /// A database error.
+    #[error("database: {0}")]
+    Db(#[from] diesel::result::Error),
+    /// No database connection could be had.
+    #[error("database pool: {0}")]
+    Pool(String),
+}
+
+impl From<orderflow_db::PoolError> for ApiError {
+    fn from(e: orderflow_db::PoolError) -> Self {
+        Self::Pool(e.to_string())
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.problem().status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        self.problem().error_response()
+    }
+}
+
+impl ApiError {
+    fn problem(&self) -> Problem {
+        match self {
+            Self::Problem(p) => p.clone(),
+            Self::Db(e) if classify(e) != ErrorClass::Permanent => {
+                tracing::warn!(error = %e, "database unavailable");
+                Problem::unavailable("the database is unavailable; retry shortly")
+            }
+            Self::Db(e) => {
+                tracing::error!(error = %e, "database error");
+                Problem::internal()
+            }
+            Self::Pool(e) => {
+                tracing::warn!(error = %e, "no database connection");
+                Problem::unavailable("the database is unavailable; retry shortly")
+            }
+        }
+    }
+}
+
+/// One line of an order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ItemView {
+    /// Product SKU.
+    pub sku: String,
+    /// Units.
+    pub quantity: i32,
+    /// Price of one unit, minor units.
+    pub price: i64,
+}
+
+/// An order as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderView {
+    /// The order's id.
+    pub order_id: Uuid,
+    /// Who ordered.
+    pub customer_id: String,
+    /// pending, confirmed, failed or cancelled.
+    pub status: OrderStatus,
+    /// Sum of the lines in minor units (cents).
+    pub total_amount: i64,
+    /// Optimistic concurrency version; grows by one per change.
+    pub version: i64,
+    /// Why the order failed.
+    pub fail_reason: Option<String>,
+    /// Why it was cancelled, if a reason was given.
+    pub cancel_reason: Option<String>,
+    /// Carrier tracking number once shipped.
+    pub tracking_number: Option<String>,
+    /// Payment was asked to decline.
+    pub force_fail: bool,
+    /// The lines.
+    pub items: Vec<ItemView>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Order> for OrderView {
+    fn from(o: Order) -> Self {
+        let status = o.row.status();
+        Self {
+            order_id: o.row.id,
+            customer_id: o.row.customer_id,
+            status,
+            total_amount: o.row.total_amount,
+            version: o.row.version,
+            fail_reason: o.row.fail_reason,
+            cancel_reason: o.row.cancel_reason,
+            tracking_number: o.row.tracking_number,
+            force_fail: o.row.force_fail,
+            items: o
+                .items
+                .into_iter()
+                .map(|i| ItemView { sku: i.sku, quantity: i.quantity, price: i.unit_price })
+                .collect(),
+            created_at: o.row.created_at,
+            updated_at: o.row.updated_at,
+        }
+    }
+}
+
+fn correlation(req: &HttpRequest) -> Metadata {
+    let correlation_id = req
+        .headers()
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<Uuid>().ok());
+    Metadata { correlation_id, causation_id: None, traceparent: None }
+}
+
+/// Accept an order.
+///
+/// The order is stored with its `order.created` event in one transaction;
+/// the pipeline runs afterwards and the order's status moves from `pending`
+/// to `confirmed` or `failed`. Posting again with the same `order_id` and
+/// body returns the stored order and writes nothing.
+#[utoipa::path(
+    tag = "orders",
+    request_body(content = CreateOrder, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Accepted (or the same order posted again)", body = OrderView),
+        (status = 400, description = "Invalid request; `errors` names each field", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`order_id` is taken by a different order", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[post("/orders")]
+pub async fn create_order(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let body: CreateOrder = json_body(&req, payload, state.max_body_bytes).await?;
+    let new = validate(body, &state.limits).map_err(Problem::validation)?;
+    let meta = correlation(&req);
+    let mut pooled = state.pool.get().await?;
+    let conn: &mut Conn = &mut pooled;
+    let created = conn.transaction::<_, diesel::result::Error, _>(async |tx| store::create(tx, &new, &meta).await).await?;
+    let order = match created {
+        Created::New(o) => {
+            tracing::info!(order_id = %o.row.id, total = o.row.total_amount, "order accepted");
+            o
+        }
+        Created::Existing(o) => o,
+        Created::Conflict(o) => {
+            return Err(Problem::conflict(format!(
+                "order {} already exists with a different body; use a new order_id",
+                o.row.id
+            ))
+            .into());
+        }
+    };
+    Ok(HttpResponse::Created()
+        .insert_header(("Location", format!("/orders/{}", order.row.id)))
+        .json(OrderView::from(order)))
+}
+
+/// Get an order.
+#[utoipa::path(
+    tag = "orders",
+    params(("id" = Uuid, Path, description = "Order id")),
+    responses(
+        (status = 200, body = OrderView),
+        (status = 400, description = "Not a UUID", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[get("/orders/{id}")]
+pub async fn get_order(id: web::Path<Uuid>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let mut conn = state.pool.get().await?;
+    let order = store::get(&mut conn, id).await?.ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
+    Ok(HttpResponse::Ok().json(OrderView::from(order)))
+}
+
+/// Filters of `GET /orders`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only orders in this status.
+    pub status: Option<OrderStatus>,
+    /// Only this customer's orders.
+    pub customer_id: Option<String>,
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A page of orders, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderPage {
+    /// The orders.
+    pub items: Vec<OrderView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn encode_cursor(ts: DateTime<Utc>, id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{id}", ts.timestamp_micros()))
+}
+
+fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(s).ok()?).ok()?;
+    let (micros, id) = raw.split_once(':')?;
+    Some((DateTime::from_timestamp_micros(micros.parse().ok()?)?, id.parse().ok()?))
+}
+
+/// List orders, newest first, with cursor pagination.
+#[utoipa::path(
+    tag = "orders",
+    params(ListParams),
+    responses(
+        (status = 200, body = OrderPage),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[get("/orders")]
+pub async fn list_orders(params: web::Query<ListParams>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let params = params.into_inner();
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(Problem::invalid("query.limit", "must be between 1 and 100").into());
+    }
+    let after = match params.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| Problem::invalid("query.cursor", "not a cursor from this API"))?),
+    };
+    let query = ListQuery { status: params.status, customer_id: params.customer_id, after, limit: limit + 1 };
+    let mut conn = state.pool.get().await?;
+    let mut orders = store::list(&mut conn, &query).await?;
+    let next_cursor = if orders.len() as i64 > limit {
+        orders.truncate(limit as usize);
+        orders.last().map(|o| encode_cursor(o.row.created_at, o.row.id))
+    } else {
+        None
+    };
+    Ok(HttpResponse::Ok().json(OrderPage { items: orders.into_iter().map(OrderView::from).collect(), next_cursor }))
+}
+
+/// One step of an order's timeline.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TimelineEntry {
+    /// What happened, e.g. `inventory.reserved`.
+    pub event_type: String,
+    /// When it happened at its source.
+    pub occurred_at: DateTime<Utc>,
+    /// When order-service recorded it.
+    pub recorded_at: DateTime<Utc>,
+    /// The event's id.
+    pub message_id: Uuid,
+    /// The event's payload (reason, amounts, tracking number...).
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+impl From<TimelineRow> for TimelineEntry {
+    fn from(r: TimelineRow) -> Self {
+        Self {
+            event_type: r.event_type,
+            occurred_at: r.occurred_at,
+            recorded_at: r.recorded_at,
+            message_id: r.message_id,
+            details: r.details,
+        }
+    }
+}
+
+/// The order's timeline: every step, in order.
+#[utoipa::path(
+    tag = "orders",
+    params(("id" = Uuid, Path, description = "Order id")),
+    responses(
+        (status = 200, body = Vec<TimelineEntry>),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[get("/orders/{id}/events")]
+pub async fn order_events(id: web::Path<Uuid>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let mut conn = state.pool.get().await?;
+    if store::get(&mut conn, id).await?.is_none() {
+        return Err(Problem::not_found(format!("no order {id}")).into());
+    }
+    let entries: Vec<TimelineEntry> = store::timeline(&mut conn, id).await?.into_iter().map(Into::into).collect();
+    Ok(HttpResponse::Ok().json(entries))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let ts = DateTime::from_timestamp_micros(1_763_700_000_123_456).unwrap();
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(ts, id)), Some((ts, id)));
+        assert_eq!(decode_cursor("nope"), None);
+        assert_eq!(decode_cursor(&URL_SAFE_NO_PAD.encode("1:2")), None);
+    }
+}

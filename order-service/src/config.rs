@@ -1,0 +1,46 @@
+//! order-service configuration: command-line flags, each with an
+//! environment variable and a default that works with `make run`.
+
+use std::net::SocketAddr;
+
+use orderflow_consumer::ConsumerArgs;
+use orderflow_telemetry::LogArgs;
+
+/// Configuration of order-service.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "order-service", version, about = "orderflow order-service: the HTTP API and the order aggregate")]
+pub struct Config {
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(long, env = "ORDER_HTTP_ADDR", default_value = "127.0.0.1:8000")]
+    pub http_addr: SocketAddr,
+    /// The service's own PostgreSQL database.
+    #[arg(long, env = "ORDER_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/orderflow_orders", value_parser = parse_pg_url)]
+    pub database_url: String,
+    /// Connections in the database pool.
+    #[arg(long, env = "ORDER_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub db_pool_size: u16,
+    /// Create the database at start if it does not exist.
+    #[arg(long, env = "ORDER_CREATE_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_database: bool,
+    /// Maximum lines per order.
+    #[arg(long, env = "ORDER_MAX_ITEMS", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    pub max_items: u16,
+    /// Maximum request body size in bytes.
+    #[arg(long, env = "ORDER_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
+    pub max_body_bytes: u32,
+    /// Broker and consumer options.
+    #[command(flatten)]
+    pub consumer: ConsumerArgs,
+    /// Logging options.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Accepts `postgres://` and `postgresql://` URLs.
+pub fn parse_pg_url(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(s.to_owned())
+    } else {
+        Err("expected postgres://user@host:port/database".into())
+    }
+}

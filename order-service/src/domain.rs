@@ -1,0 +1,242 @@
+//! The order aggregate: statuses, validation of new orders, money.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use orderflow_envelope::events::LineItem;
+use orderflow_web::FieldError;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// Where an order is. `pending` until the pipeline decides; the other three
+/// are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderStatus {
+    /// Accepted, moving through stock, payment and shipping.
+    Pending,
+    /// Paid and shipped.
+    Confirmed,
+    /// Rejected by inventory or payment; see `fail_reason`.
+    Failed,
+    /// Cancelled by the customer; stock and payment were given back.
+    Cancelled,
+}
+
+impl OrderStatus {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Confirmed => "confirmed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for OrderStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(Self::Pending),
+            "confirmed" => Ok(Self::Confirmed),
+            "failed" => Ok(Self::Failed),
+            "cancelled" => Ok(Self::Cancelled),
+            other => Err(format!("unknown status {other:?}; one of pending, confirmed, failed, cancelled")),
+        }
+    }
+}
+
+/// Bounds on what one order may contain.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Lines per order.
+    pub max_items: usize,
+    /// Units per line.
+    pub max_quantity: i64,
+    /// Price of one unit, minor units.
+    pub max_unit_price: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_items: 100, max_quantity: 10_000, max_unit_price: 100_000_000 }
+    }
+}
+
+/// `POST /orders` body. Money is in integer minor units (cents): `"price":
+/// 1999` is 19.99. Unknown fields are rejected, so a typo such as
+/// `forcefail` is an error rather than silently ignored.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrder {
+    /// Client-chosen id; repeating a POST with the same id and body returns
+    /// the stored order instead of creating another one.
+    #[serde(default)]
+    pub order_id: Option<Uuid>,
+    /// Who orders.
+    pub customer_id: String,
+    /// What is ordered (1 to the configured maximum of lines).
+    pub items: Vec<CreateItem>,
+    /// Ask payment to decline this order (demos and tests).
+    #[serde(default)]
+    pub force_fail: bool,
+}
+
+/// One line of [`CreateOrder`].
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateItem {
+    /// Product SKU (letters, digits, `.`, `_`, `-`; at most 64).
+    pub sku: String,
+    /// Units, at least 1.
+    pub quantity: i64,
+    /// Price of one unit in minor units (cents), an integer >= 0.
+    pub price: i64,
+}
+
+/// A validated new order, ready to store.
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    /// Id (client's or a new UUIDv7).
+    pub id: Uuid,
+    /// Trimmed customer id.
+    pub customer_id: String,
+    /// Lines.
+    pub items: Vec<LineItem>,
+    /// Sum of the lines, minor units.
+    pub total_amount: i64,
+    /// See [`CreateOrder::force_fail`].
+    pub force_fail: bool,
+    /// Fingerprint of the request body (without the id).
+    pub request_hash: String,
+}
+
+/// Validates a request, naming every field at fault.
+pub fn validate(req: CreateOrder, limits: &Limits) -> Result<NewOrder, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut fault = |field: String, message: String| errors.push(FieldError { field, message });
+
+    let customer_id = req.customer_id.trim().to_owned();
+    if customer_id.is_empty() {
+        fault("customer_id".into(), "must not be empty".into());
+    } else if customer_id.chars().count() > 128 {
+        fault("customer_id".into(), "must be at most 128 characters".into());
+    } else if customer_id.chars().any(char::is_control) {
+        fault("customer_id".into(), "must not contain control characters".into());
+    }
+
+    if req.items.is_empty() {
+        fault("items".into(), "must contain at least one item".into());
+    } else if req.items.len() > limits.max_items {
+        fault("items".into(), format!("must contain at most {} items", limits.max_items));
+    }
+
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut total: i64 = 0;
+    let mut items = Vec::with_capacity(req.items.len());
+    for (i, item) in req.items.iter().enumerate() {
+        let at = |f: &str| format!("items[{i}].{f}");
+        let sku_ok = !item.sku.is_empty()
+            && item.sku.len() <= 64
+            && item.sku.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !sku_ok {
+            fault(at("sku"), "must be 1 to 64 characters of letters, digits, '.', '_' or '-'".into());
+        } else if let Some(first) = seen.insert(item.sku.as_str(), i) {
+            fault(at("sku"), format!("duplicate of items[{first}].sku; put the total quantity on one line"));
+        }
+        if !(1..=limits.max_quantity).contains(&item.quantity) {
+            fault(at("quantity"), format!("must be between 1 and {}", limits.max_quantity));
+        }
+        if !(0..=limits.max_unit_price).contains(&item.price) {
+            fault(at("price"), format!("must be between 0 and {} (minor units, e.g. cents)", limits.max_unit_price));
+        }
+        // Bounded above, so neither the product nor the sum can overflow.
+        total += item.quantity.clamp(0, limits.max_quantity) * item.price.clamp(0, limits.max_unit_price);
+        items.push(LineItem {
+            sku: item.sku.clone(),
+            quantity: i32::try_from(item.quantity).unwrap_or(0),
+            unit_price: item.price,
+        });
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let request_hash = fingerprint(&customer_id, &items, req.force_fail);
+    Ok(NewOrder {
+        id: req.order_id.unwrap_or_else(Uuid::now_v7),
+        customer_id,
+        items,
+        total_amount: total,
+        force_fail: req.force_fail,
+        request_hash,
+    })
+}
+
+/// SHA-256 over the canonical JSON of what defines an order.
+fn fingerprint(customer_id: &str, items: &[LineItem], force_fail: bool) -> String {
+    let canonical = serde_json::json!({ "customer_id": customer_id, "items": items, "force_fail": force_fail });
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn req(items: Vec<(&str, i64, i64)>) -> CreateOrder {
+        CreateOrder {
+            order_id: None,
+            customer_id: "c-1".into(),
+            items: items
+                .into_iter()
+                .map(|(sku, quantity, price)| CreateItem { sku: sku.into(), quantity, price })
+                .collect(),
+            force_fail: false,
+        }
+    }
+
+    #[test]
+    fn totals_are_exact_in_minor_units() {
+        let order = validate(req(vec![("A", 3, 1999), ("B", 1, 1)]), &Limits::default()).unwrap();
+        assert_eq!(order.total_amount, 3 * 1999 + 1);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let mut r = req(vec![("", 0, -1), ("A", 1, 1), ("A", 1, 1)]);
+        r.customer_id = "  ".into();
+        let errors = validate(r, &Limits::default()).unwrap_err();
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["customer_id", "items[0].sku", "items[0].quantity", "items[0].price", "items[2].sku"]);
+    }
+
+    #[test]
+    fn item_count_is_bounded() {
+        let limits = Limits { max_items: 2, ..Limits::default() };
+        let errors = validate(req(vec![("A", 1, 1), ("B", 1, 1), ("C", 1, 1)]), &limits).unwrap_err();
+        assert_eq!(errors[0].field, "items");
+        assert!(validate(req(vec![]), &limits).is_err());
+    }
+
+    #[test]
+    fn same_content_same_fingerprint_whatever_the_id() {
+        let a = validate(req(vec![("A", 1, 5)]), &Limits::default()).unwrap();
+        let b = validate(req(vec![("A", 1, 5)]), &Limits::default()).unwrap();
+        let c = validate(req(vec![("A", 2, 5)]), &Limits::default()).unwrap();
+        assert_eq!(a.request_hash, b.request_hash);
+        assert_ne!(a.request_hash, c.request_hash);
+        assert_ne!(a.id, b.id);
+    }
+}

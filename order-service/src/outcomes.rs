@@ -1,0 +1,102 @@
+//! The order-service consumer: moves orders to their final state as the
+//! pipeline's outcomes arrive, and records every step in the timeline.
+
+use orderflow_consumer::{Handler, HandlerError, Incoming};
+use orderflow_db::Conn;
+use orderflow_envelope::Metadata;
+use orderflow_envelope::events::{Event, OrderConfirmed, OrderFailed};
+
+use crate::domain::OrderStatus;
+use crate::store::{self, Change};
+
+/// Consumer (and inbox) name of order-service.
+pub const CONSUMER: &str = "orders";
+
+/// Events order-service consumes.
+pub const BINDINGS: &[&str] = &[
+    "inventory.reserved",
+    "inventory.rejected",
+    "inventory.released",
+    "payment.authorized",
+    "payment.declined",
+    "payment.refunded",
+    "shipment.created",
+];
+
+/// Applies pipeline outcomes to orders.
+#[derive(Debug, Clone, Default)]
+pub struct Outcomes;
+
+impl Handler for Outcomes {
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+        let order_id = msg.event.order_id();
+        let Some(order) = store::get(conn, order_id).await? else {
+            // Only order-service creates orders, so this event is about an
+            // order that never existed here: park it for an operator.
+            return Err(HandlerError::Permanent(format!("unknown order {order_id}")));
+        };
+        store::record(conn, msg.envelope).await?;
+        let row = &order.row;
+        let meta = Metadata::caused_by(msg.envelope);
+        let (change, final_event) = match msg.event {
+            Event::InventoryRejected(e) => fail(row, &e.reason),
+            Event::PaymentDeclined(e) => fail(row, &e.reason),
+            Event::ShipmentCreated(e) => {
+                let change = Change {
+                    status: Some(OrderStatus::Confirmed),
+                    tracking_number: Some(e.tracking_number.clone()),
+                    ..Change::default()
+                };
+                let event = OrderConfirmed {
+                    order_id,
+                    customer_id: row.customer_id.clone(),
+                    total_amount: row.total_amount,
+                    tracking_number: Some(e.tracking_number.clone()),
+                };
+                (change, Final::Confirmed(event))
+            }
+            // Intermediate steps and compensations: timeline only.
+            Event::InventoryReserved(_)
+            | Event::PaymentAuthorized(_)
+            | Event::InventoryReleased(_)
+            | Event::PaymentRefunded(_) => return Ok(()),
+            other => return Err(HandlerError::Permanent(format!("orders does not consume {}", other.event_type()))),
+        };
+        if row.status() != OrderStatus::Pending {
+            // Already final: a late, duplicate-by-content or raced outcome.
+            // E.g. a shipment created after the customer cancelled; the
+            // processor compensates when it gets `order.cancelled`.
+            tracing::info!(%order_id, status = %row.status, event = msg.event.event_type(), "order already final, outcome ignored");
+            return Ok(());
+        }
+        if !store::update(conn, order_id, row.version, change).await? {
+            return Err(HandlerError::Conflict(format!("order {order_id} changed concurrently")));
+        }
+        let version = row.version + 1;
+        metrics::counter!("orders_finalized_total", "status" => final_status(&final_event)).increment(1);
+        match final_event {
+            Final::Confirmed(e) => store::emit(conn, &e, version, &meta).await?,
+            Final::Failed(e) => store::emit(conn, &e, version, &meta).await?,
+        };
+        Ok(())
+    }
+}
+
+enum Final {
+    Confirmed(OrderConfirmed),
+    Failed(OrderFailed),
+}
+
+fn final_status(f: &Final) -> &'static str {
+    match f {
+        Final::Confirmed(_) => "confirmed",
+        Final::Failed(_) => "failed",
+    }
+}
+
+fn fail(row: &store::OrderRow, reason: &str) -> (Change, Final) {
+    let change =
+        Change { status: Some(OrderStatus::Failed), fail_reason: Some(reason.to_owned()), ..Change::default() };
+    let event = OrderFailed { order_id: row.id, customer_id: row.customer_id.clone(), reason: reason.to_owned() };
+    (change, Final::Failed(event))
+}

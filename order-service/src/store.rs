@@ -1,0 +1,270 @@
+//! Database access of order-service. Every write that produces an event
+//! appends it to the outbox and to the order's timeline in the same
+//! transaction.
+// Row structs mirror the columns documented in `migrations/`.
+#![allow(missing_docs)]
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use orderflow_db::Conn;
+use orderflow_envelope::events::LineItem;
+use orderflow_envelope::{DomainEvent, Envelope, Metadata};
+use uuid::Uuid;
+
+use crate::domain::{NewOrder, OrderStatus};
+use crate::schema::{order_items, order_timeline, orders};
+
+/// A stored order.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = orders)]
+pub struct OrderRow {
+    pub id: Uuid,
+    pub customer_id: String,
+    pub status: String,
+    pub total_amount: i64,
+    pub force_fail: bool,
+    pub fail_reason: Option<String>,
+    pub cancel_reason: Option<String>,
+    pub tracking_number: Option<String>,
+    pub version: i64,
+    pub request_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl OrderRow {
+    /// The status, parsed (the column has a CHECK constraint).
+    pub fn status(&self) -> OrderStatus {
+        self.status.parse().unwrap_or(OrderStatus::Pending)
+    }
+}
+
+/// A stored line.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = order_items)]
+pub struct ItemRow {
+    pub order_id: Uuid,
+    pub line_no: i32,
+    pub sku: String,
+    pub quantity: i32,
+    pub unit_price: i64,
+}
+
+/// A timeline entry.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = order_timeline)]
+pub struct TimelineRow {
+    pub id: i64,
+    pub order_id: Uuid,
+    pub event_type: String,
+    pub message_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+    pub details: serde_json::Value,
+}
+
+/// An order with its lines.
+#[derive(Debug, Clone)]
+pub struct Order {
+    pub row: OrderRow,
+    pub items: Vec<ItemRow>,
+}
+
+/// Result of [`create`].
+#[derive(Debug)]
+pub enum Created {
+    /// A new order was stored and `order.created` written.
+    New(Order),
+    /// The same order was posted before: nothing written.
+    Existing(Order),
+    /// The id is taken by a different order.
+    Conflict(Order),
+}
+
+/// Stores a new order, its lines, its timeline entry and `order.created`,
+/// in the caller's transaction. A concurrent or repeated POST with the same
+/// id waits on the primary key and then finds the stored order.
+pub async fn create(conn: &mut Conn, new: &NewOrder, meta: &Metadata) -> QueryResult<Created> {
+    let inserted = diesel::insert_into(orders::table)
+        .values((
+            orders::id.eq(new.id),
+            orders::customer_id.eq(&new.customer_id),
+            orders::status.eq(OrderStatus::Pending.as_str()),
+            orders::total_amount.eq(new.total_amount),
+            orders::force_fail.eq(new.force_fail),
+            orders::request_hash.eq(&new.request_hash),
+        ))
+        .on_conflict(orders::id)
+        .do_nothing()
+        .execute(conn)
+        .await?;
+    if inserted == 0 {
+        let existing = get(conn, new.id).await?.ok_or(diesel::result::Error::NotFound)?;
+        return Ok(if existing.row.request_hash == new.request_hash {
+            Created::Existing(existing)
+        } else {
+            Created::Conflict(existing)
+        });
+    }
+    let lines: Vec<_> = new
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            (
+                order_items::order_id.eq(new.id),
+                order_items::line_no.eq(i as i32),
+                order_items::sku.eq(&item.sku),
+                order_items::quantity.eq(item.quantity),
+                order_items::unit_price.eq(item.unit_price),
+            )
+        })
+        .collect();
+    diesel::insert_into(order_items::table).values(&lines).execute(conn).await?;
+    let event = orderflow_envelope::events::OrderCreated {
+        order_id: new.id,
+        customer_id: new.customer_id.clone(),
+        items: new.items.clone(),
+        total_amount: new.total_amount,
+        force_fail: new.force_fail,
+    };
+    emit(conn, &event, 1, meta).await?;
+    metrics::counter!("orders_created_total").increment(1);
+    let order = get(conn, new.id).await?.ok_or(diesel::result::Error::NotFound)?;
+    Ok(Created::New(order))
+}
+
+/// Appends `event` (about the order at `version`) to the outbox and to the
+/// order's timeline.
+pub async fn emit<E: DomainEvent>(conn: &mut Conn, event: &E, version: i64, meta: &Metadata) -> QueryResult<Envelope> {
+    let env = Envelope::new(event, version, meta)
+        .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+    orderflow_outbox::append(conn, std::slice::from_ref(&env)).await?;
+    record(conn, &env).await?;
+    Ok(env)
+}
+
+/// Adds an event to its order's timeline (once per message id).
+pub async fn record(conn: &mut Conn, env: &Envelope) -> QueryResult<()> {
+    let order_id: Uuid = env.aggregate_id.parse().map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?;
+    let mut details = env.payload.clone();
+    if let Some(obj) = details.as_object_mut() {
+        obj.remove("order_id");
+    }
+    diesel::insert_into(order_timeline::table)
+        .values((
+            order_timeline::order_id.eq(order_id),
+            order_timeline::event_type.eq(&env.event_type),
+            order_timeline::message_id.eq(env.message_id),
+            order_timeline::occurred_at.eq(env.occurred_at),
+            order_timeline::details.eq(details),
+        ))
+        .on_conflict(order_timeline::message_id)
+        .do_nothing()
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Loads an order and its lines.
+pub async fn get(conn: &mut Conn, id: Uuid) -> QueryResult<Option<Order>> {
+    let Some(row) = orders::table.find(id).select(OrderRow::as_select()).first(conn).await.optional()? else {
+        return Ok(None);
+    };
+    let items = order_items::table
+        .filter(order_items::order_id.eq(id))
+        .order(order_items::line_no)
+        .select(ItemRow::as_select())
+        .load(conn)
+        .await?;
+    Ok(Some(Order { row, items }))
+}
+
+/// A change of status, applied only if the order is still at `expected`
+/// version (optimistic concurrency).
+#[derive(Debug, Default)]
+pub struct Change {
+    pub status: Option<OrderStatus>,
+    pub fail_reason: Option<String>,
+    pub cancel_reason: Option<String>,
+    pub tracking_number: Option<String>,
+}
+
+/// Applies `change` if the order is still at version `expected`; returns
+/// false when someone else changed it first (the caller retries).
+pub async fn update(conn: &mut Conn, id: Uuid, expected: i64, change: Change) -> QueryResult<bool> {
+    let target = orders::table.filter(orders::id.eq(id)).filter(orders::version.eq(expected));
+    let Change { status, fail_reason, cancel_reason, tracking_number } = change;
+    let n = diesel::update(target)
+        .set((
+            status.map(|s| orders::status.eq(s.as_str())),
+            fail_reason.map(|r| orders::fail_reason.eq(r)),
+            cancel_reason.map(|r| orders::cancel_reason.eq(r)),
+            tracking_number.map(|t| orders::tracking_number.eq(t)),
+            orders::version.eq(expected + 1),
+            orders::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(n == 1)
+}
+
+/// Filters and position of a listing page.
+#[derive(Debug, Default)]
+pub struct ListQuery {
+    pub status: Option<OrderStatus>,
+    pub customer_id: Option<String>,
+    /// Keyset cursor: strictly older than this (created_at, id).
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+/// Orders newest first, with their lines.
+pub async fn list(conn: &mut Conn, q: &ListQuery) -> QueryResult<Vec<Order>> {
+    let mut query = orders::table.select(OrderRow::as_select()).into_boxed();
+    if let Some(status) = q.status {
+        query = query.filter(orders::status.eq(status.as_str()));
+    }
+    if let Some(customer) = &q.customer_id {
+        query = query.filter(orders::customer_id.eq(customer.clone()));
+    }
+    if let Some((ts, id)) = q.after {
+        query = query.filter(orders::created_at.lt(ts).or(orders::created_at.eq(ts).and(orders::id.lt(id))));
+    }
+    let rows: Vec<OrderRow> =
+        query.order((orders::created_at.desc(), orders::id.desc())).limit(q.limit).load(conn).await?;
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let items: Vec<ItemRow> = order_items::table
+        .filter(order_items::order_id.eq_any(&ids))
+        .order((order_items::order_id, order_items::line_no))
+        .select(ItemRow::as_select())
+        .load(conn)
+        .await?;
+    let mut by_order: HashMap<Uuid, Vec<ItemRow>> = HashMap::new();
+    for item in items {
+        by_order.entry(item.order_id).or_default().push(item);
+    }
+    Ok(rows.into_iter().map(|row| Order { items: by_order.remove(&row.id).unwrap_or_default(), row }).collect())
+}
+
+/// The order's timeline, in the order things happened.
+pub async fn timeline(conn: &mut Conn, id: Uuid) -> QueryResult<Vec<TimelineRow>> {
+    order_timeline::table
+        .filter(order_timeline::order_id.eq(id))
+        .order((order_timeline::occurred_at, order_timeline::id))
+        .select(TimelineRow::as_select())
+        .load(conn)
+        .await
+}
+
+/// The lines of `order` as carried in events.
+pub fn line_items(order: &Order) -> Vec<LineItem> {
+    order
+        .items
+        .iter()
+        .map(|i| LineItem { sku: i.sku.clone(), quantity: i.quantity, unit_price: i.unit_price })
+        .collect()
+}
