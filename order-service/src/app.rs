@@ -1,14 +1,8 @@
 //! Building and running order-service: database, consumer and HTTP server.
 
-use std::io;
-use std::net::TcpListener;
-
-use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use orderflow_db::DbError;
-use orderflow_web::Readiness;
-use tokio::task::JoinHandle;
+use orderflow_web::{Readiness, Service, StartupError};
 use tokio_util::sync::CancellationToken;
 use tracing_actix_web::TracingLogger;
 use utoipa::OpenApi;
@@ -23,22 +17,6 @@ use crate::outcomes::{self, Outcomes};
 /// order-service's own migrations (the platform's run first).
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
-/// Why the service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// The database is unreachable or could not be migrated.
-    #[error(transparent)]
-    Db(#[from] DbError),
-    /// The HTTP address could not be bound.
-    #[error("cannot listen on {addr}: {source} (is another process using it? set ORDER_HTTP_ADDR)")]
-    Bind {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// Why.
-        source: io::Error,
-    },
-}
-
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -49,82 +27,48 @@ pub enum StartupError {
 )]
 struct ApiDoc;
 
-/// A built, not yet running, order-service.
-pub struct Application {
-    port: u16,
-    server: Server,
-    consumer: JoinHandle<()>,
-    shutdown: CancellationToken,
-}
-
-impl Application {
-    /// Creates and migrates the database, starts the consumer and binds the
-    /// HTTP listener. `shutdown` stops everything.
-    pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Self, StartupError> {
-        if cfg.create_database {
-            orderflow_db::ensure_database(&cfg.database_url).await?;
-        }
-        let pool = orderflow_db::connect(&cfg.database_url, usize::from(cfg.db_pool_size)).await?;
-        orderflow_db::migrate(&pool, Some(MIGRATIONS)).await?;
-
-        let consumer_cfg = cfg.consumer.config(outcomes::CONSUMER, outcomes::BINDINGS);
-        let readiness = Readiness::new(pool.clone(), vec![(outcomes::CONSUMER.to_owned(), consumer_cfg.connected.clone())]);
-        let consumer = tokio::spawn(orderflow_consumer::run(consumer_cfg, pool.clone(), Outcomes, shutdown.child_token()));
-
-        let state = AppState {
-            pool,
-            limits: Limits { max_items: usize::from(cfg.max_items), ..Limits::default() },
-            max_body_bytes: cfg.max_body_bytes as usize,
-        };
-        let listener = TcpListener::bind(cfg.http_addr).map_err(|source| StartupError::Bind { addr: cfg.http_addr, source })?;
-        let port = listener.local_addr().map_err(|source| StartupError::Bind { addr: cfg.http_addr, source })?.port();
-        orderflow_telemetry::metrics();
-        let server = HttpServer::new(move || {
-            let (app, openapi) = App::new()
-                .into_utoipa_app()
-                .openapi(ApiDoc::openapi())
-                .map(|app| app.wrap(TracingLogger::default()))
-                .app_data(web::Data::new(state.clone()))
-                .app_data(web::Data::new(readiness.clone()))
-                .map(|app| app.configure(orderflow_web::extractor_errors))
-                .service(api::create_order)
-                .service(api::list_orders)
-                .service(api::get_order)
-                .service(api::order_events)
-                .split_for_parts();
-            app.route("/health", web::get().to(orderflow_web::health))
-                .route("/ready", web::get().to(orderflow_web::ready))
-                .route("/metrics", web::get().to(orderflow_web::metrics))
-                .service(SwaggerUi::new("/swagger-ui/{_:.*}").url("/openapi.json", openapi))
-                .default_service(web::to(orderflow_web::not_found_fallback))
-        })
-        .listen(listener)
-        .map_err(|source| StartupError::Bind { addr: cfg.http_addr, source })?
-        .disable_signals()
-        .shutdown_timeout(10)
-        .run();
-        tracing::info!(port, "order-service listening");
-        Ok(Self { port, server, consumer, shutdown })
+/// Builds order-service: creates and migrates the database, starts the
+/// consumer and binds the HTTP listener. `shutdown` stops everything.
+pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, StartupError> {
+    if cfg.create_database {
+        orderflow_db::ensure_database(&cfg.database_url).await?;
     }
+    let pool = orderflow_db::connect(&cfg.database_url, usize::from(cfg.db_pool_size)).await?;
+    orderflow_db::migrate(&pool, Some(MIGRATIONS)).await?;
 
-    /// The bound HTTP port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
+    let consumer_cfg = cfg.consumer.config(outcomes::CONSUMER, outcomes::BINDINGS);
+    let readiness = Readiness::new(pool.clone(), vec![(outcomes::CONSUMER.to_owned(), consumer_cfg.connected.clone())]);
+    let consumer = tokio::spawn(orderflow_consumer::run(consumer_cfg, pool.clone(), Outcomes, shutdown.child_token()));
 
-    /// Serves until the shutdown token is cancelled, then drains: the HTTP
-    /// server finishes in-flight requests, the consumer finishes or requeues
-    /// in-flight messages.
-    pub async fn run_until_stopped(self) -> io::Result<()> {
-        let handle = self.server.handle();
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            handle.stop(true).await;
-        });
-        let served = self.server.await;
-        self.shutdown.cancel();
-        let _ = self.consumer.await;
-        served
-    }
+    let state = AppState {
+        pool,
+        limits: Limits { max_items: usize::from(cfg.max_items), ..Limits::default() },
+        max_body_bytes: cfg.max_body_bytes as usize,
+    };
+    let (listener, port) = orderflow_web::bind(cfg.http_addr)?;
+    orderflow_telemetry::metrics();
+    let server = HttpServer::new(move || {
+        let (app, openapi) = App::new()
+            .into_utoipa_app()
+            .openapi(ApiDoc::openapi())
+            .map(|app| app.wrap(TracingLogger::default()))
+            .app_data(web::Data::new(state.clone()))
+            .app_data(web::Data::new(readiness.clone()))
+            .map(|app| app.configure(orderflow_web::extractor_errors))
+            .service(api::create_order)
+            .service(api::list_orders)
+            .service(api::get_order)
+            .service(api::order_events)
+            .split_for_parts();
+        app.configure(orderflow_web::operational_routes)
+            .service(SwaggerUi::new("/swagger-ui/{_:.*}").url("/openapi.json", openapi))
+            .default_service(web::to(orderflow_web::not_found_fallback))
+    })
+    .listen(listener)
+    .map_err(|source| StartupError::Bind { addr: cfg.http_addr, source })?
+    .disable_signals()
+    .shutdown_timeout(10)
+    .run();
+    tracing::info!(port, "order-service listening");
+    Ok(Service::new(port, server, vec![consumer], shutdown))
 }

@@ -44,3 +44,30 @@ pub fn parse_pg_url(s: &str) -> Result<String, String> {
         Err("expected postgres://user@host:port/database".into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        Config::command().debug_assert();
+        let cfg = Config::try_parse_from(["order-service"]).unwrap();
+        assert_eq!(cfg.http_addr.port(), 8000);
+        assert_eq!(cfg.consumer.topology_prefix, "orderflow");
+        assert_eq!(cfg.consumer.retry_delays.len(), 3);
+    }
+
+    #[test]
+    fn bad_values_fail_with_what_and_how() {
+        let err = Config::try_parse_from(["order-service", "--http-addr", "nope"]).unwrap_err();
+        assert!(err.to_string().contains("--http-addr"), "{err}");
+        let err = Config::try_parse_from(["order-service", "--retry-delays", "1s,later"]).unwrap_err();
+        assert!(err.to_string().contains("examples"), "{err}");
+        let err = Config::try_parse_from(["order-service", "--topology-prefix", "a b"]).unwrap_err();
+        assert!(err.to_string().contains("letters"), "{err}");
+    }
+}

@@ -13,5 +13,5 @@ pub mod outcomes;
 pub mod schema;
 pub mod store;
 
-pub use app::{Application, MIGRATIONS, StartupError};
+pub use app::{MIGRATIONS, build};
 pub use config::Config;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use order_service::{Application, Config};
+use order_service::Config;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -13,7 +13,7 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let shutdown = orderflow_web::shutdown_signal();
-    let app = match Application::build(cfg, shutdown).await {
+    let app = match order_service::build(cfg, shutdown).await {
         Ok(app) => app,
         Err(e) => {
             tracing::error!("cannot start: {e}");

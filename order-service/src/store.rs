@@ -140,9 +140,7 @@ pub async fn create(conn: &mut Conn, new: &NewOrder, meta: &Metadata) -> QueryRe
 /// Appends `event` (about the order at `version`) to the outbox and to the
 /// order's timeline.
 pub async fn emit<E: DomainEvent>(conn: &mut Conn, event: &E, version: i64, meta: &Metadata) -> QueryResult<Envelope> {
-    let env = Envelope::new(event, version, meta)
-        .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
-    orderflow_outbox::append(conn, std::slice::from_ref(&env)).await?;
+    let env = orderflow_outbox::emit(conn, event, version, meta).await?;
     record(conn, &env).await?;
     Ok(env)
 }

@@ -14,4 +14,4 @@ mod writer;
 
 pub use failpoint::failpoint;
 pub use row::{OutboxHeaders, PendingRow};
-pub use writer::{NOTIFY_CHANNEL, append};
+pub use writer::{NOTIFY_CHANNEL, append, emit};

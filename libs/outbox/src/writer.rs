@@ -4,7 +4,7 @@ use diesel::sql_types::Text;
 use diesel_async::RunQueryDsl;
 use orderflow_db::Conn;
 use orderflow_db::schema::outbox;
-use orderflow_envelope::Envelope;
+use orderflow_envelope::{DomainEvent, Envelope, Metadata};
 use uuid::Uuid;
 
 use crate::row::OutboxHeaders;
@@ -60,4 +60,12 @@ pub async fn append(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
         metrics::counter!("outbox_appended_total", "event_type" => e.event_type.clone()).increment(1);
     }
     Ok(())
+}
+
+/// Wraps `event` (the aggregate at `version`, caused as `meta` says) in an
+/// envelope and appends it; see [`append`].
+pub async fn emit<E: DomainEvent>(conn: &mut Conn, event: &E, version: i64, meta: &Metadata) -> QueryResult<Envelope> {
+    let env = Envelope::new(event, version, meta).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+    append(conn, std::slice::from_ref(&env)).await?;
+    Ok(env)
 }

@@ -7,15 +7,18 @@
 //! - [`extractor_errors`]: path and query extractors answering problem+json;
 //! - [`health`], [`ready`] and [`metrics`]: liveness, readiness and
 //!   Prometheus endpoints;
+//! - [`Service`]: a server and its consumers, run and drained together;
 //! - [`shutdown_signal`]: a token cancelled on SIGINT or SIGTERM.
 
 mod body;
 mod health;
 mod problem;
+mod service;
 
 pub use body::json_body;
 pub use health::{Readiness, health, metrics, ready};
 pub use problem::{FieldError, Problem, extractor_errors, not_found_fallback};
+pub use service::{Service, StartupError, bind, operational_routes};
 
 use tokio_util::sync::CancellationToken;
 

@@ -1,0 +1,5 @@
+//! The outbox-relay binary.
+
+fn main() -> std::process::ExitCode {
+    outbox_relay::main()
+}

@@ -1,0 +1,87 @@
+//! `outbox-relay run`.
+
+use actix_web::{App, HttpServer, web};
+use anyhow::{Context, bail};
+use diesel::QueryableByName;
+use diesel::sql_types::Bool;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use orderflow_broker::Topology;
+use orderflow_db::Conn;
+use orderflow_outbox::relay::{self, RelayConfig};
+
+use crate::cli::RunArgs;
+
+#[derive(QueryableByName)]
+struct Exists {
+    #[diesel(sql_type = Bool)]
+    present: bool,
+}
+
+/// Checks the database once, so a wrong URL or an unmigrated database fails
+/// at start with one line; outages after that are ridden out.
+async fn preflight(url: &str) -> anyhow::Result<()> {
+    let mut conn = Conn::establish(url)
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", orderflow_db::redact(url)))?;
+    let found: Exists = diesel::sql_query("SELECT to_regclass('outbox') IS NOT NULL AS present")
+        .get_result(&mut conn)
+        .await
+        .context("cannot query the database")?;
+    if !found.present {
+        bail!(
+            "no outbox table in {}: start the service once (it runs the migrations) or point DATABASE_URL at a service database",
+            orderflow_db::redact(url)
+        );
+    }
+    Ok(())
+}
+
+/// Runs the relay until SIGTERM or Ctrl-C.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    preflight(&args.target.database_url).await?;
+    let shutdown = orderflow_web::shutdown_signal();
+    let mut cfg = RelayConfig::new(
+        args.target.database_url.clone(),
+        args.target.amqp_url.clone(),
+        Topology::new(args.target.topology_prefix.clone()),
+    );
+    if let Some(id) = args.relay_id {
+        cfg.relay_id = id;
+    }
+    cfg.batch_size = args.batch_size;
+    cfg.poll_interval = args.poll_interval;
+    cfg.max_attempts = args.max_attempts;
+    cfg.retry_base = args.retry_base;
+    cfg.retry_max = args.retry_max;
+    cfg.confirm_timeout = args.confirm_timeout;
+    cfg.reconnect_max = args.reconnect_max;
+
+    orderflow_telemetry::metrics();
+    let server = match args.metrics_addr.0 {
+        Some(addr) => {
+            let (listener, port) = orderflow_web::bind(addr)?;
+            let server = HttpServer::new(|| {
+                App::new()
+                    .route("/health", web::get().to(orderflow_web::health))
+                    .route("/metrics", web::get().to(orderflow_web::metrics))
+            })
+            .listen(listener)?
+            .workers(1)
+            .disable_signals()
+            .run();
+            tracing::info!(port, "relay metrics listening");
+            Some(server)
+        }
+        None => None,
+    };
+    let handle = server.as_ref().map(|s| s.handle());
+    let served = server.map(tokio::spawn);
+    relay::run(cfg, shutdown).await;
+    if let Some(handle) = handle {
+        handle.stop(true).await;
+    }
+    if let Some(served) = served {
+        let _ = served.await;
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+DROP TABLE shipments;
+DROP TABLE payments;
+DROP TABLE reservations;
+DROP TABLE products;

@@ -1,0 +1,172 @@
+//! The HTTP API of processor-service: products and stock.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, ResponseError, get, post, put, web};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use orderflow_db::{ErrorClass, Pool, classify};
+use orderflow_web::{Problem, json_body};
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use crate::catalog::{self, NewProduct};
+use crate::schema::products;
+use crate::store::Product;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// Database pool.
+    pub pool: Pool,
+    /// Maximum request body size, bytes.
+    pub max_body_bytes: usize,
+}
+
+/// Errors of the handlers, each mapped to a problem+json response.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A client error with its problem document.
+    #[error(transparent)]
+    Problem(#[from] Problem),
+    /// A database error.
+    #[error("database: {0}")]
+    Db(#[from] diesel::result::Error),
+    /// No database connection could be had.
+    #[error("database pool: {0}")]
+    Pool(#[from] orderflow_db::PoolError),
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.problem().status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        self.problem().error_response()
+    }
+}
+
+impl ApiError {
+    fn problem(&self) -> Problem {
+        match self {
+            Self::Problem(p) => p.clone(),
+            Self::Db(e) if classify(e) != ErrorClass::Permanent => Problem::unavailable("the database is unavailable"),
+            Self::Db(e) => {
+                tracing::error!(error = %e, "database error");
+                Problem::internal()
+            }
+            Self::Pool(_) => Problem::unavailable("the database is unavailable"),
+        }
+    }
+}
+
+/// All products, by SKU.
+#[utoipa::path(tag = "products", responses((status = 200, body = Vec<Product>), (status = 503, body = Problem, content_type = "application/problem+json")))]
+#[get("/products")]
+pub async fn list_products(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut conn = state.pool.get().await?;
+    let all: Vec<Product> = products::table.order(products::sku).select(Product::as_select()).load(&mut conn).await?;
+    Ok(HttpResponse::Ok().json(all))
+}
+
+/// One product.
+#[utoipa::path(
+    tag = "products",
+    params(("sku" = String, Path, description = "Product SKU")),
+    responses(
+        (status = 200, body = Product),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[get("/products/{sku}")]
+pub async fn get_product(sku: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut conn = state.pool.get().await?;
+    let product: Option<Product> =
+        products::table.find(sku.as_str()).select(Product::as_select()).first(&mut conn).await.optional()?;
+    let product = product.ok_or_else(|| Problem::not_found(format!("no product {sku}")))?;
+    Ok(HttpResponse::Ok().json(product))
+}
+
+/// Add a product.
+#[utoipa::path(
+    tag = "products",
+    request_body(content = NewProduct, content_type = "application/json"),
+    responses(
+        (status = 201, body = Product),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The SKU exists", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[post("/products")]
+pub async fn create_product(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let new: NewProduct = json_body(&req, payload, state.max_body_bytes).await?;
+    let errors = new.check("");
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors).into());
+    }
+    let mut conn = state.pool.get().await?;
+    if !catalog::insert(&mut conn, &new).await? {
+        return Err(Problem::conflict(format!("product {} exists; change its stock with PUT /products/{}/stock", new.sku, new.sku)).into());
+    }
+    let product: Product = products::table.find(&new.sku).select(Product::as_select()).first(&mut conn).await?;
+    Ok(HttpResponse::Created().json(product))
+}
+
+/// `PUT /products/{sku}/stock` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetStock {
+    /// The new number of units on hand (a stock count). Reserved and
+    /// shipped units are not touched; `received` moves by the difference.
+    pub on_hand: i32,
+}
+
+/// Set the units on hand of a product (a stock count or a delivery).
+#[utoipa::path(
+    tag = "products",
+    params(("sku" = String, Path, description = "Product SKU")),
+    request_body(content = SetStock, content_type = "application/json"),
+    responses(
+        (status = 200, body = Product),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[put("/products/{sku}/stock")]
+pub async fn set_stock(
+    req: HttpRequest,
+    sku: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let body: SetStock = json_body(&req, payload, state.max_body_bytes).await?;
+    if !(0..=1_000_000_000).contains(&body.on_hand) {
+        return Err(Problem::invalid("on_hand", "must be between 0 and 1000000000").into());
+    }
+    let mut conn = state.pool.get().await?;
+    // One statement: the row lock makes it safe against concurrent
+    // reservations, and `received` keeps the buckets balanced.
+    let updated: Option<Product> = diesel::update(products::table.find(sku.as_str()))
+        .set((
+            products::received.eq(products::received - products::on_hand.cast::<diesel::sql_types::BigInt>() + i64::from(body.on_hand)),
+            products::on_hand.eq(body.on_hand),
+            products::updated_at.eq(diesel::dsl::now),
+        ))
+        .returning(Product::as_returning())
+        .get_result(&mut conn)
+        .await
+        .optional()?;
+    let product = updated.ok_or_else(|| Problem::not_found(format!("no product {sku}")))?;
+    Ok(HttpResponse::Ok().json(product))
+}

@@ -1,0 +1,106 @@
+//! Products: the demo catalog seeded at start, and validation of new ones.
+
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use orderflow_db::Conn;
+use orderflow_web::FieldError;
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use crate::schema::products;
+
+/// The catalog seeded when `PRODUCT_CATALOG` is not set.
+pub const DEMO_CATALOG: &str = r#"[
+  {"sku": "SKU-1", "name": "Espresso beans 1kg", "price": 2499, "on_hand": 100},
+  {"sku": "SKU-2", "name": "Ceramic mug", "price": 1299, "on_hand": 250},
+  {"sku": "SKU-3", "name": "Pour-over kettle", "price": 5999, "on_hand": 40},
+  {"sku": "SKU-4", "name": "Paper filters x100", "price": 499, "on_hand": 500}
+]"#;
+
+/// A product to create (`POST /products`, or the seeded catalog).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewProduct {
+    /// SKU: 1 to 64 letters, digits, `.`, `_` or `-`.
+    pub sku: String,
+    /// Display name.
+    pub name: String,
+    /// Unit price in minor units (cents).
+    pub price: i64,
+    /// Units on hand at creation.
+    pub on_hand: i32,
+}
+
+impl NewProduct {
+    /// Every field at fault, prefixed by `at` (e.g. `[2].`).
+    pub fn check(&self, at: &str) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let sku_ok = !self.sku.is_empty()
+            && self.sku.len() <= 64
+            && self.sku.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !sku_ok {
+            errors.push(FieldError {
+                field: format!("{at}sku"),
+                message: "must be 1 to 64 characters of letters, digits, '.', '_' or '-'".into(),
+            });
+        }
+        if self.name.trim().is_empty() || self.name.chars().count() > 200 {
+            errors.push(FieldError { field: format!("{at}name"), message: "must be 1 to 200 characters".into() });
+        }
+        if !(0..=100_000_000).contains(&self.price) {
+            errors.push(FieldError {
+                field: format!("{at}price"),
+                message: "must be between 0 and 100000000 (minor units)".into(),
+            });
+        }
+        if !(0..=1_000_000_000).contains(&self.on_hand) {
+            errors.push(FieldError { field: format!("{at}on_hand"), message: "must be between 0 and 1000000000".into() });
+        }
+        errors
+    }
+}
+
+/// Parses a catalog: a JSON array of products, inline or `@path/to/file.json`.
+pub fn parse_catalog(spec: &str) -> Result<Vec<NewProduct>, String> {
+    let text = match spec.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("cannot read catalog file {path}: {e}"))?,
+        None => spec.to_owned(),
+    };
+    let products: Vec<NewProduct> = serde_json::from_str(&text)
+        .map_err(|e| format!("catalog is not a JSON array of {{sku, name, price, on_hand}}: {e}"))?;
+    let errors: Vec<String> = products
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| p.check(&format!("[{i}].")))
+        .map(|e| format!("{}: {}", e.field, e.message))
+        .collect();
+    if errors.is_empty() { Ok(products) } else { Err(format!("invalid catalog: {}", errors.join("; "))) }
+}
+
+/// Inserts a product; false if its SKU exists.
+pub async fn insert(conn: &mut Conn, p: &NewProduct) -> QueryResult<bool> {
+    let n = diesel::insert_into(products::table)
+        .values((
+            products::sku.eq(&p.sku),
+            products::name.eq(p.name.trim()),
+            products::price.eq(p.price),
+            products::on_hand.eq(p.on_hand),
+            products::received.eq(i64::from(p.on_hand)),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    Ok(n == 1)
+}
+
+/// Seeds the catalog: adds missing products, leaves existing ones (and
+/// their stock) alone, so restarts do not reset stock.
+pub async fn seed(conn: &mut Conn, catalog: &[NewProduct]) -> QueryResult<usize> {
+    let mut added = 0;
+    for p in catalog {
+        if insert(conn, p).await? {
+            added += 1;
+        }
+    }
+    Ok(added)
+}

@@ -1,0 +1,109 @@
+//! processor-service configuration: command-line flags, each with an
+//! environment variable and a default that works with `make run`.
+
+use std::net::SocketAddr;
+
+use orderflow_consumer::ConsumerArgs;
+use orderflow_telemetry::LogArgs;
+
+use crate::catalog::{DEMO_CATALOG, NewProduct, parse_catalog};
+
+/// Configuration of processor-service.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "processor-service", version, about = "orderflow processor-service: inventory, payment and shipping stages")]
+pub struct Config {
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(long, env = "PROCESSOR_HTTP_ADDR", default_value = "127.0.0.1:8001")]
+    pub http_addr: SocketAddr,
+    /// The service's own PostgreSQL database.
+    #[arg(long, env = "PROCESSOR_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/orderflow_processor", value_parser = parse_pg_url)]
+    pub database_url: String,
+    /// Connections in the database pool.
+    #[arg(long, env = "PROCESSOR_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub db_pool_size: u16,
+    /// Create the database at start if it does not exist.
+    #[arg(long, env = "PROCESSOR_CREATE_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_database: bool,
+    /// Products seeded at start (existing SKUs are left alone): a JSON
+    /// array of {sku, name, price, on_hand}, inline or `@file.json`.
+    #[arg(long, env = "PRODUCT_CATALOG", default_value = DEMO_CATALOG, value_parser = parse_catalog_arg, hide_default_value = true)]
+    pub catalog: Catalog,
+    /// Orders with any of these SKUs are declined by payment (comma-separated).
+    #[arg(long, env = "PAYMENT_BLOCKED_SKUS", value_delimiter = ',', default_value = "")]
+    pub payment_blocked_skus: Vec<String>,
+    /// Orders above this amount (minor units) are declined by payment.
+    #[arg(long, env = "PAYMENT_AMOUNT_LIMIT", default_value_t = 1_000_000, value_parser = clap::value_parser!(i64).range(0..))]
+    pub payment_amount_limit: i64,
+    /// Share of other orders declined at random (0.0 to 1.0).
+    #[arg(long, env = "PAYMENT_DECLINE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub payment_decline_rate: f64,
+    /// Seed of the random declines (same seed and order: same decision).
+    #[arg(long, env = "PAYMENT_DECLINE_SEED", default_value_t = 42)]
+    pub payment_decline_seed: u64,
+    /// Maximum request body size in bytes.
+    #[arg(long, env = "PROCESSOR_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
+    pub max_body_bytes: u32,
+    /// Broker and consumer options.
+    #[command(flatten)]
+    pub consumer: ConsumerArgs,
+    /// Logging options.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// The parsed catalog (a newtype so clap treats it as one value).
+#[derive(Debug, Clone)]
+pub struct Catalog(pub Vec<NewProduct>);
+
+fn parse_catalog_arg(s: &str) -> Result<Catalog, String> {
+    parse_catalog(s).map(Catalog)
+}
+
+fn parse_pg_url(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(s.to_owned())
+    } else {
+        Err("expected postgres://user@host:port/database".into())
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err("expected a number from 0.0 to 1.0".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_seed_the_demo_catalog() {
+        Config::command().debug_assert();
+        let cfg = Config::try_parse_from(["processor-service"]).unwrap();
+        assert_eq!(cfg.catalog.0.len(), 4);
+        assert_eq!(cfg.payment_decline_rate, 0.0);
+    }
+
+    #[test]
+    fn bad_values_fail_with_what_and_how() {
+        let err = Config::try_parse_from(["processor-service", "--payment-decline-rate", "2"]).unwrap_err();
+        assert!(err.to_string().contains("0.0 to 1.0"), "{err}");
+        let err = Config::try_parse_from(["processor-service", "--catalog", r#"[{"sku":""}]"#]).unwrap_err();
+        assert!(err.to_string().contains("catalog"), "{err}");
+        let err = Config::try_parse_from(["processor-service", "--database-url", "mysql://x"]).unwrap_err();
+        assert!(err.to_string().contains("postgres://"), "{err}");
+    }
+
+    #[test]
+    fn lists_are_comma_separated() {
+        let cfg = Config::try_parse_from(["processor-service", "--payment-blocked-skus", "A,B", "--retry-delays", "1s,2m"])
+            .unwrap();
+        assert_eq!(cfg.payment_blocked_skus, ["A", "B"]);
+        assert_eq!(cfg.consumer.retry_delays, [std::time::Duration::from_secs(1), std::time::Duration::from_secs(120)]);
+    }
+}

@@ -1,0 +1,121 @@
+//! The inventory stage: reserves stock for new orders, releases it when the
+//! payment is declined or the order is cancelled.
+
+use orderflow_consumer::{Handler, HandlerError, Incoming};
+use orderflow_db::Conn;
+use orderflow_envelope::Metadata;
+use orderflow_envelope::events::{Event, InventoryRejected, InventoryReleased, InventoryReserved, OrderCreated};
+use orderflow_outbox::emit;
+use uuid::Uuid;
+
+use crate::store::{self, Move};
+
+/// Consumer (and inbox) name.
+pub const CONSUMER: &str = "inventory";
+/// Events it consumes.
+pub const BINDINGS: &[&str] = &["order.created", "payment.declined", "order.cancelled"];
+
+/// The inventory stage.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory;
+
+impl Handler for Inventory {
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+        let meta = Metadata::caused_by(msg.envelope);
+        match msg.event {
+            Event::OrderCreated(e) => reserve(conn, e, &meta).await,
+            Event::PaymentDeclined(e) => release(conn, e.order_id, &format!("payment declined: {}", e.reason), &meta).await,
+            Event::OrderCancelled(e) => cancel(conn, e.order_id, &meta).await,
+            other => Err(HandlerError::Permanent(format!("inventory does not consume {}", other.event_type()))),
+        }
+    }
+}
+
+async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(), HandlerError> {
+    if e.items.is_empty() || e.items.iter().any(|i| i.quantity <= 0) {
+        return Err(HandlerError::Permanent(format!("order {} has no items or a non-positive quantity", e.order_id)));
+    }
+    let (existing, created) = store::claim_reservation(conn, e.order_id, "pending").await?;
+    if !created {
+        // Decided before, or cancelled before it arrived (a tombstone).
+        tracing::info!(order_id = %e.order_id, status = %existing.status, "order already seen by inventory");
+        return Ok(());
+    }
+    let skus: Vec<&str> = e.items.iter().map(|i| i.sku.as_str()).collect();
+    let products = store::lock_products(conn, &skus).await?;
+    let shortfall = e.items.iter().find_map(|i| match products.get(&i.sku) {
+        None => Some(format!("unknown SKU {}", i.sku)),
+        Some(p) if p.on_hand < i.quantity => {
+            Some(format!("insufficient stock for {}: requested {}, available {}", i.sku, i.quantity, p.on_hand))
+        }
+        Some(_) => None,
+    });
+    if let Some(reason) = shortfall {
+        store::set_reservation(conn, e.order_id, "rejected", Some(&e.items), Some(&reason)).await?;
+        emit(conn, &InventoryRejected { order_id: e.order_id, reason }, 1, meta).await?;
+        metrics::counter!("inventory_reservations_total", "outcome" => "rejected").increment(1);
+        return Ok(());
+    }
+    if let Some(sku) = store::move_stock(conn, &e.items, Move::Reserve).await? {
+        // The rows are locked and were checked: a miss means a bug, not a race.
+        return Err(HandlerError::Permanent(format!("stock of {sku} changed under a lock while reserving")));
+    }
+    store::set_reservation(conn, e.order_id, "reserved", Some(&e.items), None).await?;
+    let reserved = InventoryReserved {
+        order_id: e.order_id,
+        customer_id: e.customer_id.clone(),
+        items: e.items.clone(),
+        total_amount: e.total_amount,
+        force_fail: e.force_fail,
+    };
+    emit(conn, &reserved, 1, meta).await?;
+    metrics::counter!("inventory_reservations_total", "outcome" => "reserved").increment(1);
+    Ok(())
+}
+
+/// Gives reserved stock back (payment declined).
+async fn release(conn: &mut Conn, order_id: Uuid, reason: &str, meta: &Metadata) -> Result<(), HandlerError> {
+    let Some(reservation) = store::lock_reservation(conn, order_id).await? else {
+        tracing::warn!(%order_id, "nothing reserved for this order, nothing to release");
+        return Ok(());
+    };
+    if reservation.status != "reserved" {
+        return Ok(());
+    }
+    let lines = reservation.lines();
+    if let Some(sku) = store::move_stock(conn, &lines, Move::Release).await? {
+        return Err(HandlerError::Permanent(format!("bookkeeping: reserved units of {sku} are missing")));
+    }
+    store::set_reservation(conn, order_id, "released", None, Some(reason)).await?;
+    emit(conn, &InventoryReleased { order_id, items: lines, reason: reason.to_owned() }, 2, meta).await?;
+    metrics::counter!("inventory_releases_total").increment(1);
+    Ok(())
+}
+
+/// Compensates a cancelled order: releases reserved stock, or takes back
+/// shipped stock and voids the shipment; before the order arrived, leaves a
+/// tombstone so it reserves nothing later.
+async fn cancel(conn: &mut Conn, order_id: Uuid, meta: &Metadata) -> Result<(), HandlerError> {
+    let (reservation, created) = store::claim_reservation(conn, order_id, "cancelled").await?;
+    if created {
+        tracing::info!(%order_id, "cancelled before inventory saw the order");
+        return Ok(());
+    }
+    match reservation.status.as_str() {
+        "reserved" => release(conn, order_id, "order cancelled", meta).await,
+        "shipped" => {
+            let lines = reservation.lines();
+            store::void_shipment(conn, order_id).await?;
+            if let Some(sku) = store::move_stock(conn, &lines, Move::Return).await? {
+                return Err(HandlerError::Permanent(format!("bookkeeping: shipped units of {sku} are missing")));
+            }
+            let reason = "order cancelled after shipping; shipment voided";
+            store::set_reservation(conn, order_id, "released", None, Some(reason)).await?;
+            emit(conn, &InventoryReleased { order_id, items: lines, reason: reason.to_owned() }, 2, meta).await?;
+            metrics::counter!("inventory_releases_total").increment(1);
+            Ok(())
+        }
+        // Rejected, released or already cancelled: nothing is held.
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,49 @@
+//! Diesel schema of processor-service's own tables (see `migrations/`).
+#![allow(missing_docs)]
+
+diesel::table! {
+    products (sku) {
+        sku -> Text,
+        name -> Text,
+        price -> Int8,
+        on_hand -> Int4,
+        reserved -> Int4,
+        shipped -> Int4,
+        received -> Int8,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    reservations (order_id) {
+        order_id -> Uuid,
+        status -> Text,
+        items -> Jsonb,
+        reason -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    payments (order_id) {
+        order_id -> Uuid,
+        payment_id -> Uuid,
+        amount -> Int8,
+        status -> Text,
+        reason -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    shipments (order_id) {
+        order_id -> Uuid,
+        shipment_id -> Uuid,
+        tracking_number -> Text,
+        status -> Text,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}

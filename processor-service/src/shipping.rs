@@ -1,0 +1,63 @@
+//! The shipping stage: ships paid orders (at most once each).
+
+use orderflow_consumer::{Handler, HandlerError, Incoming};
+use orderflow_db::Conn;
+use orderflow_envelope::Metadata;
+use orderflow_envelope::events::{Event, PaymentAuthorized, ShipmentCreated};
+use orderflow_outbox::emit;
+
+use crate::store::{self, Move};
+
+/// Consumer (and inbox) name.
+pub const CONSUMER: &str = "shipping";
+/// Events it consumes.
+pub const BINDINGS: &[&str] = &["payment.authorized"];
+
+/// The shipping stage.
+#[derive(Debug, Clone, Default)]
+pub struct Shipping;
+
+impl Handler for Shipping {
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+        match msg.event {
+            Event::PaymentAuthorized(e) => ship(conn, e, &Metadata::caused_by(msg.envelope)).await,
+            other => Err(HandlerError::Permanent(format!("shipping does not consume {}", other.event_type()))),
+        }
+    }
+}
+
+async fn ship(conn: &mut Conn, e: &PaymentAuthorized, meta: &Metadata) -> Result<(), HandlerError> {
+    // Lock order (reservation, payment, shipment, products) is the same in
+    // every stage, so a cancel racing this handler waits, never deadlocks.
+    let Some(reservation) = store::lock_reservation(conn, e.order_id).await? else {
+        return Err(HandlerError::Permanent(format!("order {} was paid but never reserved", e.order_id)));
+    };
+    if reservation.status != "reserved" {
+        // Cancelled (released) meanwhile, or already shipped.
+        tracing::info!(order_id = %e.order_id, status = %reservation.status, "not shipping");
+        return Ok(());
+    }
+    match store::lock_payment(conn, e.order_id).await? {
+        Some(p) if p.status == "authorized" => {}
+        other => {
+            tracing::info!(order_id = %e.order_id, payment = ?other.map(|p| p.status), "payment no longer authorized, not shipping");
+            return Ok(());
+        }
+    }
+    let Some(shipment) = store::create_shipment(conn, e.order_id).await? else {
+        return Ok(());
+    };
+    let lines = reservation.lines();
+    if let Some(sku) = store::move_stock(conn, &lines, Move::Ship).await? {
+        return Err(HandlerError::Permanent(format!("bookkeeping: reserved units of {sku} are missing")));
+    }
+    store::set_reservation(conn, e.order_id, "shipped", None, None).await?;
+    let event = ShipmentCreated {
+        order_id: e.order_id,
+        shipment_id: shipment.shipment_id,
+        tracking_number: shipment.tracking_number,
+    };
+    emit(conn, &event, 1, meta).await?;
+    metrics::counter!("shipments_total").increment(1);
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! Stock, reservations, payments and shipments.
+// Row structs mirror the columns documented in `migrations/`.
+#![allow(missing_docs)]
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use orderflow_db::Conn;
+use orderflow_envelope::events::LineItem;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::schema::{payments, products, reservations, shipments};
+
+/// A product and its stock buckets.
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, ToSchema)]
+#[diesel(table_name = products)]
+pub struct Product {
+    /// SKU.
+    pub sku: String,
+    /// Display name.
+    pub name: String,
+    /// Unit price, minor units.
+    pub price: i64,
+    /// Units available to reserve.
+    pub on_hand: i32,
+    /// Units held for pending orders.
+    pub reserved: i32,
+    /// Units shipped.
+    pub shipped: i32,
+    /// Units ever received; always on_hand + reserved + shipped.
+    pub received: i64,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A move of units between stock buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// on hand -> reserved.
+    Reserve,
+    /// reserved -> on hand (compensation).
+    Release,
+    /// reserved -> shipped.
+    Ship,
+    /// shipped -> on hand (a voided shipment).
+    Return,
+}
+
+/// Locks the products of `skus` in SKU order (a global order, so two
+/// transactions never wait on each other in a cycle) and returns them.
+pub async fn lock_products(conn: &mut Conn, skus: &[&str]) -> QueryResult<HashMap<String, Product>> {
+    let mut skus: Vec<&str> = skus.to_vec();
+    skus.sort_unstable();
+    let rows: Vec<Product> = products::table
+        .filter(products::sku.eq_any(&skus))
+        .order(products::sku)
+        .for_update()
+        .select(Product::as_select())
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().map(|p| (p.sku.clone(), p)).collect())
+}
+
+/// Moves the units of `items`, each guarded by a conditional update so no
+/// bucket can go negative. Returns the SKU whose source bucket was short,
+/// if any (the caller rolls back).
+pub async fn move_stock(conn: &mut Conn, items: &[LineItem], mv: Move) -> QueryResult<Option<String>> {
+    let mut sorted: Vec<&LineItem> = items.iter().collect();
+    sorted.sort_by(|a, b| a.sku.cmp(&b.sku));
+    for item in sorted {
+        let q = item.quantity;
+        let target = products::table.filter(products::sku.eq(&item.sku));
+        let n = match mv {
+            Move::Reserve => {
+                diesel::update(target.filter(products::on_hand.ge(q)))
+                    .set((products::on_hand.eq(products::on_hand - q), products::reserved.eq(products::reserved + q), products::updated_at.eq(diesel::dsl::now)))
+                    .execute(conn)
+                    .await?
+            }
+            Move::Release => {
+                diesel::update(target.filter(products::reserved.ge(q)))
+                    .set((products::reserved.eq(products::reserved - q), products::on_hand.eq(products::on_hand + q), products::updated_at.eq(diesel::dsl::now)))
+                    .execute(conn)
+                    .await?
+            }
+            Move::Ship => {
+                diesel::update(target.filter(products::reserved.ge(q)))
+                    .set((products::reserved.eq(products::reserved - q), products::shipped.eq(products::shipped + q), products::updated_at.eq(diesel::dsl::now)))
+                    .execute(conn)
+                    .await?
+            }
+            Move::Return => {
+                diesel::update(target.filter(products::shipped.ge(q)))
+                    .set((products::shipped.eq(products::shipped - q), products::on_hand.eq(products::on_hand + q), products::updated_at.eq(diesel::dsl::now)))
+                    .execute(conn)
+                    .await?
+            }
+        };
+        if n != 1 {
+            return Ok(Some(item.sku.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// A reservation row.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = reservations)]
+pub struct Reservation {
+    pub order_id: Uuid,
+    pub status: String,
+    pub items: serde_json::Value,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Reservation {
+    /// The reserved lines.
+    pub fn lines(&self) -> Vec<LineItem> {
+        serde_json::from_value(self.items.clone()).unwrap_or_default()
+    }
+}
+
+/// Takes the order's reservation row, creating it with `status` if there is
+/// none, and locks it. Returns the row and whether it was created now.
+///
+/// Whoever comes first (the order or its cancellation) creates the row;
+/// the other waits on the lock and then sees what the first decided.
+pub async fn claim_reservation(conn: &mut Conn, order_id: Uuid, status: &str) -> QueryResult<(Reservation, bool)> {
+    let created = diesel::insert_into(reservations::table)
+        .values((reservations::order_id.eq(order_id), reservations::status.eq(status)))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?
+        == 1;
+    let row = reservations::table
+        .find(order_id)
+        .for_update()
+        .select(Reservation::as_select())
+        .first(conn)
+        .await?;
+    Ok((row, created))
+}
+
+/// Locks the order's reservation row, if any.
+pub async fn lock_reservation(conn: &mut Conn, order_id: Uuid) -> QueryResult<Option<Reservation>> {
+    reservations::table
+        .find(order_id)
+        .for_update()
+        .select(Reservation::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Sets a reservation's status (and lines and reason when given).
+pub async fn set_reservation(
+    conn: &mut Conn,
+    order_id: Uuid,
+    status: &str,
+    items: Option<&[LineItem]>,
+    reason: Option<&str>,
+) -> QueryResult<()> {
+    let items = items.map(|i| serde_json::to_value(i).unwrap_or_default());
+    diesel::update(reservations::table.find(order_id))
+        .set((
+            reservations::status.eq(status),
+            items.map(|i| reservations::items.eq(i)),
+            reason.map(|r| reservations::reason.eq(r.to_owned())),
+            reservations::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A payment row.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = payments)]
+pub struct Payment {
+    pub order_id: Uuid,
+    pub payment_id: Uuid,
+    pub amount: i64,
+    pub status: String,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// As [`claim_reservation`], for the order's payment.
+pub async fn claim_payment(conn: &mut Conn, order_id: Uuid, status: &str, amount: i64) -> QueryResult<(Payment, bool)> {
+    let created = diesel::insert_into(payments::table)
+        .values((
+            payments::order_id.eq(order_id),
+            payments::payment_id.eq(Uuid::now_v7()),
+            payments::amount.eq(amount),
+            payments::status.eq(status),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?
+        == 1;
+    let row = payments::table.find(order_id).for_update().select(Payment::as_select()).first(conn).await?;
+    Ok((row, created))
+}
+
+/// Locks the order's payment row, if any.
+pub async fn lock_payment(conn: &mut Conn, order_id: Uuid) -> QueryResult<Option<Payment>> {
+    payments::table.find(order_id).for_update().select(Payment::as_select()).first(conn).await.optional()
+}
+
+/// Sets a payment's status (and reason when given).
+pub async fn set_payment(conn: &mut Conn, order_id: Uuid, status: &str, reason: Option<&str>) -> QueryResult<()> {
+    diesel::update(payments::table.find(order_id))
+        .set((
+            payments::status.eq(status),
+            reason.map(|r| payments::reason.eq(r.to_owned())),
+            payments::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A shipment row.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = shipments)]
+pub struct Shipment {
+    pub order_id: Uuid,
+    pub shipment_id: Uuid,
+    pub tracking_number: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Creates the order's shipment unless it has one; returns it if created.
+pub async fn create_shipment(conn: &mut Conn, order_id: Uuid) -> QueryResult<Option<Shipment>> {
+    let shipment_id = Uuid::now_v7();
+    let tracking = tracking_number(shipment_id);
+    diesel::insert_into(shipments::table)
+        .values((
+            shipments::order_id.eq(order_id),
+            shipments::shipment_id.eq(shipment_id),
+            shipments::tracking_number.eq(&tracking),
+            shipments::status.eq("created"),
+        ))
+        .on_conflict_do_nothing()
+        .returning(Shipment::as_returning())
+        .get_result(conn)
+        .await
+        .optional()
+}
+
+/// Voids the order's shipment; true if there was a live one.
+pub async fn void_shipment(conn: &mut Conn, order_id: Uuid) -> QueryResult<bool> {
+    let n = diesel::update(shipments::table.find(order_id).filter(shipments::status.eq("created")))
+        .set((shipments::status.eq("voided"), shipments::updated_at.eq(diesel::dsl::now)))
+        .execute(conn)
+        .await?;
+    Ok(n == 1)
+}
+
+/// A carrier-style tracking number derived from the shipment id.
+fn tracking_number(shipment_id: Uuid) -> String {
+    // The low bits of a UUIDv7 are random; the high ones are a timestamp.
+    let hex = shipment_id.simple().to_string().to_uppercase();
+    format!("OF{}", &hex[hex.len() - 14..])
+}
