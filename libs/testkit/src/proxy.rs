@@ -26,6 +26,7 @@ pub struct FaultProxy {
     addr: SocketAddr,
     mode: watch::Sender<ProxyMode>,
     open: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -36,10 +37,12 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("proxy address");
         let (mode, watcher) = watch::channel(ProxyMode::Pass);
         let open = Arc::new(AtomicUsize::new(0));
-        let counter = open.clone();
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (counter, refusals) = (open.clone(), refused.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if *watcher.borrow() == ProxyMode::Cut {
+                    refusals.fetch_add(1, Ordering::SeqCst);
                     drop(client);
                     continue;
                 }
@@ -61,7 +64,7 @@ impl FaultProxy {
                 });
             }
         });
-        Self { addr, mode, open, task }
+        Self { addr, mode, open, refused, task }
     }
 
     /// Proxy for the host and port of `url` (a postgres:// or amqp:// URL).
@@ -107,6 +110,12 @@ impl FaultProxy {
     /// Back to normal.
     pub fn restore(&self) {
         self.set(ProxyMode::Pass);
+    }
+
+    /// Connection attempts turned away while cut (a sign that clients are
+    /// trying to reconnect).
+    pub fn refused_connections(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
     }
 
     /// Connections currently open through the proxy.
