@@ -142,11 +142,8 @@ impl From<Order> for OrderView {
 }
 
 fn correlation(req: &HttpRequest) -> Metadata {
-    let correlation_id = req
-        .headers()
-        .get("x-correlation-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<Uuid>().ok());
+    let correlation_id =
+        req.headers().get("x-correlation-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<Uuid>().ok());
     Metadata { correlation_id, causation_id: None, traceparent: None }
 }
 
@@ -179,7 +176,8 @@ pub async fn create_order(
     let meta = correlation(&req);
     let mut pooled = state.pool.get().await?;
     let conn: &mut Conn = &mut pooled;
-    let created = conn.transaction::<_, diesel::result::Error, _>(async |tx| store::create(tx, &new, &meta).await).await?;
+    let created =
+        conn.transaction::<_, diesel::result::Error, _>(async |tx| store::create(tx, &new, &meta).await).await?;
     let order = match created {
         Created::New(o) => {
             tracing::info!(order_id = %o.row.id, total = o.row.total_amount, "order accepted");
@@ -271,7 +269,9 @@ pub async fn list_orders(params: web::Query<ListParams>, state: web::Data<AppSta
     }
     let after = match params.cursor.as_deref() {
         None => None,
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| Problem::invalid("query.cursor", "not a cursor from this API"))?),
+        Some(c) => {
+            Some(decode_cursor(c).ok_or_else(|| Problem::invalid("query.cursor", "not a cursor from this API"))?)
+        }
     };
     let query = ListQuery { status: params.status, customer_id: params.customer_id, after, limit: limit + 1 };
     let mut conn = state.pool.get().await?;

@@ -147,7 +147,8 @@ pub async fn emit<E: DomainEvent>(conn: &mut Conn, event: &E, version: i64, meta
 
 /// Adds an event to its order's timeline (once per message id).
 pub async fn record(conn: &mut Conn, env: &Envelope) -> QueryResult<()> {
-    let order_id: Uuid = env.aggregate_id.parse().map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?;
+    let order_id: Uuid =
+        env.aggregate_id.parse().map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?;
     let mut details = env.payload.clone();
     if let Some(obj) = details.as_object_mut() {
         obj.remove("order_id");

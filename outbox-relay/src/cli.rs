@@ -141,8 +141,15 @@ mod tests {
         assert_eq!(args.batch_size, 500);
         assert_eq!(args.poll_interval, Duration::from_secs(1));
         assert!(args.metrics_addr.0.is_some());
-        let off = Cli::try_parse_from(["outbox-relay", "run", "--database-url", "postgres://x@h/db", "--metrics-addr", "off"])
-            .unwrap();
+        let off = Cli::try_parse_from([
+            "outbox-relay",
+            "run",
+            "--database-url",
+            "postgres://x@h/db",
+            "--metrics-addr",
+            "off",
+        ])
+        .unwrap();
         let Command::Run(args) = off.command;
         assert!(args.metrics_addr.0.is_none());
     }
@@ -151,8 +158,9 @@ mod tests {
     fn bad_values_say_what_and_how() {
         let err = Cli::try_parse_from(["outbox-relay", "run", "--database-url", "x"]).unwrap_err();
         assert!(err.to_string().contains("postgres://"), "{err}");
-        let err = Cli::try_parse_from(["outbox-relay", "run", "--database-url", "postgres://h/d", "--poll-interval", "soon"])
-            .unwrap_err();
+        let err =
+            Cli::try_parse_from(["outbox-relay", "run", "--database-url", "postgres://h/d", "--poll-interval", "soon"])
+                .unwrap_err();
         assert!(err.to_string().contains("examples"), "{err}");
     }
 }

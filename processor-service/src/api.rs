@@ -114,7 +114,11 @@ pub async fn create_product(
     }
     let mut conn = state.pool.get().await?;
     if !catalog::insert(&mut conn, &new).await? {
-        return Err(Problem::conflict(format!("product {} exists; change its stock with PUT /products/{}/stock", new.sku, new.sku)).into());
+        return Err(Problem::conflict(format!(
+            "product {} exists; change its stock with PUT /products/{}/stock",
+            new.sku, new.sku
+        ))
+        .into());
     }
     let product: Product = products::table.find(&new.sku).select(Product::as_select()).first(&mut conn).await?;
     Ok(HttpResponse::Created().json(product))
@@ -159,7 +163,9 @@ pub async fn set_stock(
     // reservations, and `received` keeps the buckets balanced.
     let updated: Option<Product> = diesel::update(products::table.find(sku.as_str()))
         .set((
-            products::received.eq(products::received - products::on_hand.cast::<diesel::sql_types::BigInt>() + i64::from(body.on_hand)),
+            products::received
+                .eq(products::received - products::on_hand.cast::<diesel::sql_types::BigInt>()
+                    + i64::from(body.on_hand)),
             products::on_hand.eq(body.on_hand),
             products::updated_at.eq(diesel::dsl::now),
         ))

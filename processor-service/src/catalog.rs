@@ -54,7 +54,8 @@ impl NewProduct {
             });
         }
         if !(0..=1_000_000_000).contains(&self.on_hand) {
-            errors.push(FieldError { field: format!("{at}on_hand"), message: "must be between 0 and 1000000000".into() });
+            errors
+                .push(FieldError { field: format!("{at}on_hand"), message: "must be between 0 and 1000000000".into() });
         }
         errors
     }

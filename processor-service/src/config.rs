@@ -10,7 +10,11 @@ use crate::catalog::{DEMO_CATALOG, NewProduct, parse_catalog};
 
 /// Configuration of processor-service.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "processor-service", version, about = "orderflow processor-service: inventory, payment and shipping stages")]
+#[command(
+    name = "processor-service",
+    version,
+    about = "orderflow processor-service: inventory, payment and shipping stages"
+)]
 pub struct Config {
     /// Address the HTTP API listens on (port 0 picks a free port).
     #[arg(long, env = "PROCESSOR_HTTP_ADDR", default_value = "127.0.0.1:8001")]
@@ -101,8 +105,9 @@ mod tests {
 
     #[test]
     fn lists_are_comma_separated() {
-        let cfg = Config::try_parse_from(["processor-service", "--payment-blocked-skus", "A,B", "--retry-delays", "1s,2m"])
-            .unwrap();
+        let cfg =
+            Config::try_parse_from(["processor-service", "--payment-blocked-skus", "A,B", "--retry-delays", "1s,2m"])
+                .unwrap();
         assert_eq!(cfg.payment_blocked_skus, ["A", "B"]);
         assert_eq!(cfg.consumer.retry_delays, [std::time::Duration::from_secs(1), std::time::Duration::from_secs(120)]);
     }

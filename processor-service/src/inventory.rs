@@ -24,7 +24,9 @@ impl Handler for Inventory {
         let meta = Metadata::caused_by(msg.envelope);
         match msg.event {
             Event::OrderCreated(e) => reserve(conn, e, &meta).await,
-            Event::PaymentDeclined(e) => release(conn, e.order_id, &format!("payment declined: {}", e.reason), &meta).await,
+            Event::PaymentDeclined(e) => {
+                release(conn, e.order_id, &format!("payment declined: {}", e.reason), &meta).await
+            }
             Event::OrderCancelled(e) => cancel(conn, e.order_id, &meta).await,
             other => Err(HandlerError::Permanent(format!("inventory does not consume {}", other.event_type()))),
         }

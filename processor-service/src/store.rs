@@ -77,25 +77,41 @@ pub async fn move_stock(conn: &mut Conn, items: &[LineItem], mv: Move) -> QueryR
         let n = match mv {
             Move::Reserve => {
                 diesel::update(target.filter(products::on_hand.ge(q)))
-                    .set((products::on_hand.eq(products::on_hand - q), products::reserved.eq(products::reserved + q), products::updated_at.eq(diesel::dsl::now)))
+                    .set((
+                        products::on_hand.eq(products::on_hand - q),
+                        products::reserved.eq(products::reserved + q),
+                        products::updated_at.eq(diesel::dsl::now),
+                    ))
                     .execute(conn)
                     .await?
             }
             Move::Release => {
                 diesel::update(target.filter(products::reserved.ge(q)))
-                    .set((products::reserved.eq(products::reserved - q), products::on_hand.eq(products::on_hand + q), products::updated_at.eq(diesel::dsl::now)))
+                    .set((
+                        products::reserved.eq(products::reserved - q),
+                        products::on_hand.eq(products::on_hand + q),
+                        products::updated_at.eq(diesel::dsl::now),
+                    ))
                     .execute(conn)
                     .await?
             }
             Move::Ship => {
                 diesel::update(target.filter(products::reserved.ge(q)))
-                    .set((products::reserved.eq(products::reserved - q), products::shipped.eq(products::shipped + q), products::updated_at.eq(diesel::dsl::now)))
+                    .set((
+                        products::reserved.eq(products::reserved - q),
+                        products::shipped.eq(products::shipped + q),
+                        products::updated_at.eq(diesel::dsl::now),
+                    ))
                     .execute(conn)
                     .await?
             }
             Move::Return => {
                 diesel::update(target.filter(products::shipped.ge(q)))
-                    .set((products::shipped.eq(products::shipped - q), products::on_hand.eq(products::on_hand + q), products::updated_at.eq(diesel::dsl::now)))
+                    .set((
+                        products::shipped.eq(products::shipped - q),
+                        products::on_hand.eq(products::on_hand + q),
+                        products::updated_at.eq(diesel::dsl::now),
+                    ))
                     .execute(conn)
                     .await?
             }
@@ -138,24 +154,13 @@ pub async fn claim_reservation(conn: &mut Conn, order_id: Uuid, status: &str) ->
         .execute(conn)
         .await?
         == 1;
-    let row = reservations::table
-        .find(order_id)
-        .for_update()
-        .select(Reservation::as_select())
-        .first(conn)
-        .await?;
+    let row = reservations::table.find(order_id).for_update().select(Reservation::as_select()).first(conn).await?;
     Ok((row, created))
 }
 
 /// Locks the order's reservation row, if any.
 pub async fn lock_reservation(conn: &mut Conn, order_id: Uuid) -> QueryResult<Option<Reservation>> {
-    reservations::table
-        .find(order_id)
-        .for_update()
-        .select(Reservation::as_select())
-        .first(conn)
-        .await
-        .optional()
+    reservations::table.find(order_id).for_update().select(Reservation::as_select()).first(conn).await.optional()
 }
 
 /// Sets a reservation's status (and lines and reason when given).

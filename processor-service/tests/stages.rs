@@ -53,9 +53,11 @@ async fn the_same_message_delivered_twice_changes_stock_once() {
     let db = TestDb::new(Some(processor_service::MIGRATIONS)).await;
     let broker = TestBroker::new().await;
     let delays = "100ms,200ms,300ms";
-    for (consumer, bindings) in
-        [(inventory::CONSUMER, inventory::BINDINGS), (payment::CONSUMER, payment::BINDINGS), (shipping::CONSUMER, shipping::BINDINGS)]
-    {
+    for (consumer, bindings) in [
+        (inventory::CONSUMER, inventory::BINDINGS),
+        (payment::CONSUMER, payment::BINDINGS),
+        (shipping::CONSUMER, shipping::BINDINGS),
+    ] {
         broker.track(&QueueSpec {
             consumer: consumer.into(),
             bindings: bindings.iter().map(|b| (*b).to_owned()).collect(),
@@ -120,10 +122,12 @@ async fn the_same_message_delivered_twice_changes_stock_once() {
     })
     .await;
     let mut conn = db.pool.get().await.unwrap();
-    let stock: Stock = diesel::sql_query("SELECT on_hand::bigint AS on_hand, reserved::bigint AS reserved FROM products WHERE sku = 'SKU-1'")
-        .get_result(&mut conn)
-        .await
-        .unwrap();
+    let stock: Stock = diesel::sql_query(
+        "SELECT on_hand::bigint AS on_hand, reserved::bigint AS reserved FROM products WHERE sku = 'SKU-1'",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
     assert_eq!((stock.on_hand, stock.reserved), (90, 10), "reserved once");
     let inbox: N = diesel::sql_query(format!(
         "SELECT count(*) AS n FROM inbox WHERE consumer = 'inventory' AND message_id = '{}'",
@@ -133,10 +137,11 @@ async fn the_same_message_delivered_twice_changes_stock_once() {
     .await
     .unwrap();
     assert_eq!(inbox.n, 1);
-    let reserved_events: N = diesel::sql_query("SELECT count(*) AS n FROM outbox WHERE event_type = 'inventory.reserved'")
-        .get_result(&mut conn)
-        .await
-        .unwrap();
+    let reserved_events: N =
+        diesel::sql_query("SELECT count(*) AS n FROM outbox WHERE event_type = 'inventory.reserved'")
+            .get_result(&mut conn)
+            .await
+            .unwrap();
     assert_eq!(reserved_events.n, 1, "one inventory.reserved for the order");
     drop(conn);
 

@@ -61,7 +61,8 @@ async fn rejected(sys: &System, content_type: &str, body: Vec<u8>, status: Statu
     let problem: Value = r.json().await.unwrap();
     assert_eq!(problem["status"], status.as_u16());
     if let Some(field) = field {
-        let fields: Vec<&str> = problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+        let fields: Vec<&str> =
+            problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
         assert!(fields.contains(&field), "{field} in {fields:?} for {shown}");
     }
 }
@@ -80,7 +81,10 @@ async fn every_kind_of_bad_request_is_a_problem_and_writes_nothing() {
         (json!({"customer_id": "c", "items": "SKU-1"}), "items"),
         (json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": 0, "price": 100}]}), "items[0].quantity"),
         (json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": -3, "price": 100}]}), "items[0].quantity"),
-        (json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": "two", "price": 100}]}), "items[0].quantity"),
+        (
+            json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": "two", "price": 100}]}),
+            "items[0].quantity",
+        ),
         (json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": 1, "price": 19.99}]}), "items[0].price"),
         (json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": 1, "price": -1}]}), "items[0].price"),
         (json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": 1}]}), "items[0].price"),
@@ -89,22 +93,41 @@ async fn every_kind_of_bad_request_is_a_problem_and_writes_nothing() {
         (json!({"customer_id": "c", "items": [item], "forcefail": true}), "forcefail"),
         (json!({"customer_id": "c", "items": [item], "order_id": "not-a-uuid"}), "order_id"),
         (json!({"customer_id": "c", "items": [item], "force_fail": "yes"}), "force_fail"),
-        (json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": 1, "price": 9_223_372_036_854_775_807_i64}]}), "items[0].price"),
+        (
+            json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": 1, "price": 9_223_372_036_854_775_807_i64}]}),
+            "items[0].price",
+        ),
     ];
     for (body, field) in cases {
         rejected(&sys, json, body.to_string().into_bytes(), StatusCode::BAD_REQUEST, Some(field)).await;
     }
     let too_many: Vec<Value> = (0..101).map(|i| json!({"sku": format!("S{i}"), "quantity": 1, "price": 1})).collect();
-    rejected(&sys, json, json!({"customer_id": "c", "items": too_many}).to_string().into_bytes(), StatusCode::BAD_REQUEST, Some("items")).await;
+    rejected(
+        &sys,
+        json,
+        json!({"customer_id": "c", "items": too_many}).to_string().into_bytes(),
+        StatusCode::BAD_REQUEST,
+        Some("items"),
+    )
+    .await;
     rejected(&sys, json, b"{\"customer_id\": ".to_vec(), StatusCode::BAD_REQUEST, Some("customer_id")).await;
     rejected(&sys, json, b"{nope".to_vec(), StatusCode::BAD_REQUEST, Some("body")).await;
     rejected(&sys, json, b"[]".to_vec(), StatusCode::BAD_REQUEST, Some("body")).await;
     rejected(&sys, json, vec![], StatusCode::BAD_REQUEST, Some("body")).await;
-    rejected(&sys, "text/plain", order_body("c", &[("SKU-1", 1, 1)]).to_string().into_bytes(), StatusCode::UNSUPPORTED_MEDIA_TYPE, None).await;
+    rejected(
+        &sys,
+        "text/plain",
+        order_body("c", &[("SKU-1", 1, 1)]).to_string().into_bytes(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        None,
+    )
+    .await;
     let huge = json!({"customer_id": "x".repeat(70_000), "items": [item]}).to_string().into_bytes();
     rejected(&sys, json, huge, StatusCode::PAYLOAD_TOO_LARGE, None).await;
 
-    for url in ["/orders/not-a-uuid", "/orders?limit=0", "/orders?limit=abc", "/orders?status=lost", "/orders?cursor=zzz"] {
+    for url in
+        ["/orders/not-a-uuid", "/orders?limit=0", "/orders?limit=abc", "/orders?status=lost", "/orders?cursor=zzz"]
+    {
         let r = sys.http.get(sys.order_url(url)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{url}");
         assert_eq!(r.headers()["content-type"], "application/problem+json", "{url}");
@@ -148,7 +171,8 @@ async fn orders_list_by_status_and_customer_with_cursor_pages() {
     let evens = sys.get_json(&sys.order_url("/orders?customer_id=even")).await;
     assert_eq!(evens["items"].as_array().unwrap().len(), 3);
     let failed_page = sys.get_json(&sys.order_url("/orders?status=failed")).await;
-    let failed_ids: Vec<&str> = failed_page["items"].as_array().unwrap().iter().map(|o| o["order_id"].as_str().unwrap()).collect();
+    let failed_ids: Vec<&str> =
+        failed_page["items"].as_array().unwrap().iter().map(|o| o["order_id"].as_str().unwrap()).collect();
     assert_eq!(failed_ids, [failed.as_str()]);
     let odd_confirmed = sys.get_json(&sys.order_url("/orders?customer_id=odd&status=confirmed")).await;
     assert_eq!(odd_confirmed["items"].as_array().unwrap().len(), 2);

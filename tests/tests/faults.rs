@@ -28,7 +28,12 @@ async fn a_relay_killed_between_publish_and_mark_republishes_and_consumers_drop_
     // The consumers saw the first copies: inventory reserved each order once.
     let processor = &sys.pool(Db::Processor).clone();
     eventually("inventory handled the first copies", DEADLINE, || async {
-        count(processor, "SELECT count(*) AS n FROM inbox WHERE consumer = 'inventory' AND event_type = 'order.created'").await == 5
+        count(
+            processor,
+            "SELECT count(*) AS n FROM inbox WHERE consumer = 'inventory' AND event_type = 'order.created'",
+        )
+        .await
+            == 5
     })
     .await;
 
@@ -39,17 +44,31 @@ async fn a_relay_killed_between_publish_and_mark_republishes_and_consumers_drop_
         assert_eq!(order["status"], "confirmed", "{order}");
     }
     eventually("the orders' order.created rows marked published", DEADLINE, || async {
-        count(pool, "SELECT count(*) AS n FROM outbox WHERE event_type = 'order.created' AND published_at IS NULL").await == 0
+        count(pool, "SELECT count(*) AS n FROM outbox WHERE event_type = 'order.created' AND published_at IS NULL")
+            .await
+            == 0
     })
     .await;
     assert_eq!(
-        count(processor, "SELECT count(*) AS n FROM inbox WHERE consumer = 'inventory' AND event_type = 'order.created'").await,
+        count(
+            processor,
+            "SELECT count(*) AS n FROM inbox WHERE consumer = 'inventory' AND event_type = 'order.created'"
+        )
+        .await,
         5,
         "the second copies were recognized as duplicates"
     );
     let p = sys.product("SKU-1").await;
-    assert_eq!((p["on_hand"].as_i64(), p["reserved"].as_i64(), p["shipped"].as_i64()), (Some(90), Some(0), Some(10)), "stock taken once per order");
-    assert_eq!(count(processor, "SELECT count(*) AS n FROM payments WHERE status = 'authorized'").await, 5, "charged once each");
+    assert_eq!(
+        (p["on_hand"].as_i64(), p["reserved"].as_i64(), p["shipped"].as_i64()),
+        (Some(90), Some(0), Some(10)),
+        "stock taken once per order"
+    );
+    assert_eq!(
+        count(processor, "SELECT count(*) AS n FROM payments WHERE status = 'authorized'").await,
+        5,
+        "charged once each"
+    );
     assert_eq!(count(processor, "SELECT count(*) AS n FROM shipments").await, 5, "shipped once each");
     sys.stop().await;
 }
@@ -70,7 +89,8 @@ async fn events_written_while_the_broker_is_unreachable_are_published_when_it_re
     assert_eq!(count(pool, waiting).await, 10);
     // Stay down until relays and consumers have tried to reconnect a few
     // times each (5 clients: 2 relays, 3+1 consumers).
-    eventually("clients retried while the broker was down", DEADLINE, || async { proxy.refused_connections() >= 10 }).await;
+    eventually("clients retried while the broker was down", DEADLINE, || async { proxy.refused_connections() >= 10 })
+        .await;
     assert_eq!(count(pool, waiting).await, 10, "nothing published while down");
     for id in &ids {
         assert_eq!(sys.order(id).await["status"], "pending");

@@ -2,12 +2,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use futures::future::join_all;
-use orderflow_e2e::{Options, Product, System, eventually, order_body, DEADLINE};
+use orderflow_e2e::{DEADLINE, Options, Product, System, eventually, order_body};
 use serde_json::{Value, json};
 
 fn assert_balanced(p: &Value) {
-    let (on_hand, reserved, shipped, received) =
-        (p["on_hand"].as_i64().unwrap(), p["reserved"].as_i64().unwrap(), p["shipped"].as_i64().unwrap(), p["received"].as_i64().unwrap());
+    let (on_hand, reserved, shipped, received) = (
+        p["on_hand"].as_i64().unwrap(),
+        p["reserved"].as_i64().unwrap(),
+        p["shipped"].as_i64().unwrap(),
+        p["received"].as_i64().unwrap(),
+    );
     assert!(on_hand >= 0 && reserved >= 0 && shipped >= 0, "{p}");
     assert_eq!(on_hand + reserved + shipped, received, "bookkeeping of {p}");
 }
@@ -26,7 +30,10 @@ async fn an_order_is_confirmed_with_the_exact_total_and_a_tracking_number() {
     assert!(tracking.starts_with("OF") && tracking.len() == 16, "{tracking}");
 
     let beans = sys.product("SKU-1").await;
-    assert_eq!((beans["on_hand"].as_i64(), beans["reserved"].as_i64(), beans["shipped"].as_i64()), (Some(98), Some(0), Some(2)));
+    assert_eq!(
+        (beans["on_hand"].as_i64(), beans["reserved"].as_i64(), beans["shipped"].as_i64()),
+        (Some(98), Some(0), Some(2))
+    );
     assert_balanced(&beans);
     assert_balanced(&sys.product("SKU-2").await);
     sys.stop().await;
@@ -44,7 +51,10 @@ async fn each_rejection_ends_failed_with_its_reason_and_declines_give_stock_back
     let cases: Vec<(Value, &str)> = vec![
         (order_body("c1", &[("SKU-1", 11, 1000)]), "insufficient stock for SKU-1: requested 11, available "),
         (order_body("c2", &[("NOPE", 1, 1000)]), "unknown SKU NOPE"),
-        (json!({"customer_id": "c3", "items": [{"sku": "SKU-1", "quantity": 2, "price": 1000}], "force_fail": true}), "force_fail"),
+        (
+            json!({"customer_id": "c3", "items": [{"sku": "SKU-1", "quantity": 2, "price": 1000}], "force_fail": true}),
+            "force_fail",
+        ),
         (order_body("c4", &[("SKU-1", 1, 1000), ("BANNED", 1, 100)]), "SKU BANNED is blocked"),
         (order_body("c5", &[("SKU-1", 6, 10_000)]), "amount 60000 exceeds the limit of 50000"),
     ];

@@ -43,10 +43,9 @@ impl BrokerError {
 /// Opens a connection named `name` (shown in the management UI).
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await.map_err(|e| BrokerError::Unreachable {
-        url: redact(url),
-        reason: e.to_string(),
-    })
+    Connection::connect(url, props)
+        .await
+        .map_err(|e| BrokerError::Unreachable { url: redact(url), reason: e.to_string() })
 }
 
 /// `url` with the password removed, for logs and error messages.

@@ -1,8 +1,7 @@
 use std::time::Duration;
 
 use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
@@ -83,11 +82,7 @@ impl Topology {
     }
 
     /// Declares the exchange and everything `spec` needs (idempotent).
-    pub async fn declare_consumer(
-        &self,
-        channel: &Channel,
-        spec: &QueueSpec,
-    ) -> Result<(), BrokerError> {
+    pub async fn declare_consumer(&self, channel: &Channel, spec: &QueueSpec) -> Result<(), BrokerError> {
         self.declare_exchange(channel).await?;
         let queue = self.queue(&spec.consumer);
         let dlq = self.dead_letter_queue(&spec.consumer);
@@ -163,11 +158,7 @@ fn quorum() -> FieldTable {
 
 async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), BrokerError> {
     channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions { durable: true, ..Default::default() },
-            args,
-        )
+        .queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
         .await
         .map(drop)
         .map_err(BrokerError::op(format!("declare queue {name}")))

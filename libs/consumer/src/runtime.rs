@@ -7,8 +7,8 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use futures::StreamExt;
 use orderflow_broker::lapin::message::Delivery;
 use orderflow_broker::lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
 };
 use orderflow_broker::lapin::types::{AMQPValue, FieldTable, LongString};
 use orderflow_broker::lapin::{BasicProperties, Channel, Confirmation};
@@ -120,7 +120,12 @@ async fn session<H: Handler>(ctx: &Arc<Ctx<H>>, shutdown: &CancellationToken) ->
     let out = Arc::new(out);
     let queue = ctx.cfg.topology.queue(&spec.consumer);
     let mut consumer = channel
-        .basic_consume(queue.as_str().into(), name.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.as_str().into(),
+            name.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     info!(consumer = %spec.consumer, %queue, "consuming");
@@ -158,10 +163,8 @@ async fn session<H: Handler>(ctx: &Arc<Ctx<H>>, shutdown: &CancellationToken) ->
     // Stop taking work, give in-flight messages time to finish, then close:
     // the broker requeues whatever is still unacked.
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-    let drained = tokio::time::timeout(ctx.cfg.drain_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(ctx.cfg.drain_timeout, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         warn!(consumer = %spec.consumer, left = tasks.len(), "drain timeout, leaving messages to redelivery");
         tasks.abort_all();

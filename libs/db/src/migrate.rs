@@ -31,9 +31,7 @@ pub async fn ensure_database(url: &str) -> Result<(), DbError> {
         )));
     }
     parsed.set_path("/postgres");
-    let mut conn = Conn::establish(parsed.as_str())
-        .await
-        .map_err(|e| DbError::unreachable(url, e))?;
+    let mut conn = Conn::establish(parsed.as_str()).await.map_err(|e| DbError::unreachable(url, e))?;
     let found: Found = sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
         .bind::<Text, _>(&name)
         .get_result(&mut conn)
@@ -48,7 +46,9 @@ pub async fn ensure_database(url: &str) -> Result<(), DbError> {
             Ok(())
         }
         // Another process created it between our check and our CREATE.
-        Err(e) if e.to_string().contains("already exists") || e.to_string().contains("pg_database_datname_index") => Ok(()),
+        Err(e) if e.to_string().contains("already exists") || e.to_string().contains("pg_database_datname_index") => {
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -59,17 +59,11 @@ pub async fn ensure_database(url: &str) -> Result<(), DbError> {
 /// (diesel's migration harness is synchronous and runs in `block_in_place`).
 pub async fn migrate(pool: &Pool, service: Option<EmbeddedMigrations>) -> Result<(), DbError> {
     let mut conn = pool.get().await.map_err(|e| DbError::Migration(e.to_string()))?;
-    sql_query("SELECT pg_advisory_lock($1)")
-        .bind::<BigInt, _>(MIGRATION_LOCK)
-        .execute(&mut conn)
-        .await?;
+    sql_query("SELECT pg_advisory_lock($1)").bind::<BigInt, _>(MIGRATION_LOCK).execute(&mut conn).await?;
     let mut harness = AsyncMigrationHarness::new(conn);
     let result = run_all(&mut harness, service);
     let mut conn = harness.into_inner();
-    sql_query("SELECT pg_advisory_unlock($1)")
-        .bind::<BigInt, _>(MIGRATION_LOCK)
-        .execute(&mut conn)
-        .await?;
+    sql_query("SELECT pg_advisory_unlock($1)").bind::<BigInt, _>(MIGRATION_LOCK).execute(&mut conn).await?;
     result
 }
 
@@ -78,9 +72,7 @@ fn run_all<H: MigrationHarness<diesel::pg::Pg>>(
     service: Option<EmbeddedMigrations>,
 ) -> Result<(), DbError> {
     for source in std::iter::once(PLATFORM_MIGRATIONS).chain(service) {
-        let applied = harness
-            .run_pending_migrations(source)
-            .map_err(|e| DbError::Migration(e.to_string()))?;
+        let applied = harness.run_pending_migrations(source).map_err(|e| DbError::Migration(e.to_string()))?;
         for version in applied {
             tracing::info!(%version, "applied migration");
         }

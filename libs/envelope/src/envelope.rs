@@ -52,10 +52,7 @@ impl FromStr for SchemaVersion {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || DecodeError::BadSchemaVersion(s.to_owned());
         let (major, minor) = s.split_once('.').unwrap_or((s, "0"));
-        Ok(Self {
-            major: major.parse().map_err(|_| bad())?,
-            minor: minor.parse().map_err(|_| bad())?,
-        })
+        Ok(Self { major: major.parse().map_err(|_| bad())?, minor: minor.parse().map_err(|_| bad())? })
     }
 }
 
@@ -174,11 +171,7 @@ pub enum DecodeError {
 impl Envelope {
     /// Wraps a typed event. `aggregate_version` is the aggregate's version
     /// after the change; `meta` links it to its request or cause.
-    pub fn new<E: DomainEvent>(
-        event: &E,
-        aggregate_version: i64,
-        meta: &Metadata,
-    ) -> Result<Self, serde_json::Error> {
+    pub fn new<E: DomainEvent>(event: &E, aggregate_version: i64, meta: &Metadata) -> Result<Self, serde_json::Error> {
         let message_id = Uuid::now_v7();
         Ok(Self {
             message_id,
@@ -224,10 +217,8 @@ impl Envelope {
                 supported: E::SCHEMA_VERSION.major,
             });
         }
-        serde_json::from_value(self.payload.clone()).map_err(|e| DecodeError::InvalidPayload {
-            event_type: self.event_type.clone(),
-            reason: e.to_string(),
-        })
+        serde_json::from_value(self.payload.clone())
+            .map_err(|e| DecodeError::InvalidPayload { event_type: self.event_type.clone(), reason: e.to_string() })
     }
 }
 
@@ -254,8 +245,7 @@ mod tests {
     fn round_trips_and_keeps_causality() {
         let first = Envelope::new(&Ping { id: "a".into() }, 1, &Metadata::default()).unwrap();
         assert_eq!(first.correlation_id, first.message_id);
-        let second =
-            Envelope::new(&Ping { id: "a".into() }, 2, &Metadata::caused_by(&first)).unwrap();
+        let second = Envelope::new(&Ping { id: "a".into() }, 2, &Metadata::caused_by(&first)).unwrap();
         assert_eq!(second.correlation_id, first.message_id);
         assert_eq!(second.causation_id, Some(first.message_id));
         let back = Envelope::from_slice(&second.to_vec()).unwrap();
@@ -282,10 +272,7 @@ mod tests {
     #[test]
     fn garbage_is_malformed() {
         assert!(matches!(Envelope::from_slice(b"{nope"), Err(DecodeError::Malformed(_))));
-        assert!(matches!(
-            Envelope::from_slice(br#"{"message_id": 5}"#),
-            Err(DecodeError::Malformed(_))
-        ));
+        assert!(matches!(Envelope::from_slice(br#"{"message_id": 5}"#), Err(DecodeError::Malformed(_))));
     }
 
     #[test]

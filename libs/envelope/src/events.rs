@@ -240,12 +240,7 @@ mod tests {
     #[test]
     fn decodes_by_type() {
         let order_id = Uuid::now_v7();
-        let env = Envelope::new(
-            &PaymentDeclined { order_id, reason: "no".into() },
-            2,
-            &Metadata::default(),
-        )
-        .unwrap();
+        let env = Envelope::new(&PaymentDeclined { order_id, reason: "no".into() }, 2, &Metadata::default()).unwrap();
         assert_eq!(env.aggregate_id, order_id.to_string());
         assert_eq!(env.event_type, "payment.declined");
         let ev = Event::decode(&env).unwrap();
@@ -255,12 +250,9 @@ mod tests {
 
     #[test]
     fn wrong_types_are_invalid_payloads() {
-        let mut env = Envelope::new(
-            &PaymentDeclined { order_id: Uuid::now_v7(), reason: "no".into() },
-            2,
-            &Metadata::default(),
-        )
-        .unwrap();
+        let mut env =
+            Envelope::new(&PaymentDeclined { order_id: Uuid::now_v7(), reason: "no".into() }, 2, &Metadata::default())
+                .unwrap();
         env.payload["order_id"] = serde_json::json!(42);
         assert!(matches!(Event::decode(&env), Err(DecodeError::InvalidPayload { .. })));
         env.event_type = "order.teleported".into();

@@ -11,6 +11,4 @@
 mod envelope;
 pub mod events;
 
-pub use envelope::{
-    DecodeError, DomainEvent, Envelope, LANE_COUNT, Metadata, SchemaVersion, lane_for,
-};
+pub use envelope::{DecodeError, DomainEvent, Envelope, LANE_COUNT, Metadata, SchemaVersion, lane_for};

@@ -68,8 +68,8 @@ impl PendingRow {
     /// Rebuilds the envelope to send. A row that cannot be turned into an
     /// envelope (hand-edited, corrupted) is a permanent failure of that row.
     pub fn envelope(&self) -> Result<Envelope, String> {
-        let headers: OutboxHeaders = serde_json::from_value(self.headers.clone())
-            .map_err(|e| format!("bad headers column: {e}"))?;
+        let headers: OutboxHeaders =
+            serde_json::from_value(self.headers.clone()).map_err(|e| format!("bad headers column: {e}"))?;
         Ok(Envelope {
             message_id: self.message_id,
             event_type: self.event_type.clone(),

@@ -52,10 +52,7 @@ pub async fn append(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
     diesel::insert_into(outbox::table).values(&rows).execute(conn).await?;
     // One notification per transaction is enough: PostgreSQL folds
     // identical notifications of a transaction into one.
-    diesel::sql_query("SELECT pg_notify($1, '')")
-        .bind::<Text, _>(NOTIFY_CHANNEL)
-        .execute(conn)
-        .await?;
+    diesel::sql_query("SELECT pg_notify($1, '')").bind::<Text, _>(NOTIFY_CHANNEL).execute(conn).await?;
     for e in events {
         metrics::counter!("outbox_appended_total", "event_type" => e.event_type.clone()).increment(1);
     }
@@ -65,7 +62,8 @@ pub async fn append(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
 /// Wraps `event` (the aggregate at `version`, caused as `meta` says) in an
 /// envelope and appends it; see [`append`].
 pub async fn emit<E: DomainEvent>(conn: &mut Conn, event: &E, version: i64, meta: &Metadata) -> QueryResult<Envelope> {
-    let env = Envelope::new(event, version, meta).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+    let env =
+        Envelope::new(event, version, meta).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
     append(conn, std::slice::from_ref(&env)).await?;
     Ok(env)
 }

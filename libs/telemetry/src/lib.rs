@@ -55,8 +55,7 @@ pub fn init(args: &LogArgs) -> Result<(), TelemetryError> {
 
 /// Latency buckets (seconds) for every `*_seconds` histogram: from 0.5 ms,
 /// where a commit-to-confirm lands on a quiet machine, to 10 s.
-const LATENCY_BUCKETS: &[f64] =
-    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
 
 /// Installs the process-wide Prometheus recorder (once; later calls return

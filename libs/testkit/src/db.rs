@@ -59,9 +59,8 @@ impl TestDb {
 }
 
 async fn drop_stale(admin: &mut AsyncPgConnection, now: u64) {
-    let Ok(names) = diesel::sql_query("SELECT datname FROM pg_database WHERE datname LIKE 'of\\_t\\_%'")
-        .load::<Name>(admin)
-        .await
+    let Ok(names) =
+        diesel::sql_query("SELECT datname FROM pg_database WHERE datname LIKE 'of\\_t\\_%'").load::<Name>(admin).await
     else {
         return;
     };

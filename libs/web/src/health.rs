@@ -64,7 +64,5 @@ pub async fn ready(readiness: web::Data<Readiness>) -> HttpResponse {
 
 /// `GET /metrics`: the process's metrics in the Prometheus text format.
 pub async fn metrics() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(orderflow_telemetry::metrics().render())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(orderflow_telemetry::metrics().render())
 }

@@ -93,9 +93,7 @@ impl ResponseError for Problem {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code())
-            .insert_header(ContentType(problem_mime()))
-            .json(self)
+        HttpResponse::build(self.status_code()).insert_header(ContentType(problem_mime())).json(self)
     }
 }
 
@@ -106,16 +104,12 @@ fn problem_mime() -> mime::Mime {
 /// Path and query extractor configs whose errors are problem+json 400s
 /// naming the parameter, instead of actix's plain-text 404/400.
 pub fn extractor_errors(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::PathConfig::default().error_handler(|err, _req| {
-        Problem::invalid("path", err.to_string()).into()
-    }))
+    cfg.app_data(
+        web::PathConfig::default().error_handler(|err, _req| Problem::invalid("path", err.to_string()).into()),
+    )
     .app_data(web::QueryConfig::default().error_handler(|err, _req| {
         let message = err.to_string();
-        let field = message
-            .split('`')
-            .nth(1)
-            .map(|f| format!("query.{f}"))
-            .unwrap_or_else(|| "query".to_owned());
+        let field = message.split('`').nth(1).map(|f| format!("query.{f}")).unwrap_or_else(|| "query".to_owned());
         Problem::invalid(field, message).into()
     }));
 }

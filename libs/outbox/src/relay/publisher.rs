@@ -2,8 +2,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use orderflow_broker::lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use orderflow_broker::lapin::Confirmation;
+use orderflow_broker::lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use orderflow_broker::lapin::{Channel, Connection};
 use orderflow_broker::properties_for;
 
@@ -37,18 +37,9 @@ impl Publisher {
         let connection = orderflow_broker::connect(&cfg.amqp_url, &format!("outbox-relay:{}", cfg.relay_id))
             .await
             .map_err(|e| RelayError::Broker(e.to_string()))?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| RelayError::Broker(e.to_string()))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| RelayError::Broker(e.to_string()))?;
-        cfg.topology
-            .declare_exchange(&channel)
-            .await
-            .map_err(|e| RelayError::Broker(e.to_string()))?;
+        let channel = connection.create_channel().await.map_err(|e| RelayError::Broker(e.to_string()))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| RelayError::Broker(e.to_string()))?;
+        cfg.topology.declare_exchange(&channel).await.map_err(|e| RelayError::Broker(e.to_string()))?;
         Ok(Self { _connection: connection, channel, exchange: cfg.topology.events_exchange() })
     }
 

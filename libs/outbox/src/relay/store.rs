@@ -42,12 +42,8 @@ pub(crate) async fn mark(
     outcomes: &[Outcome],
     cfg: &RelayConfig,
 ) -> diesel::QueryResult<()> {
-    let published: Vec<i64> = rows
-        .iter()
-        .zip(outcomes)
-        .filter(|(_, o)| **o == Outcome::Published)
-        .map(|(r, _)| r.id)
-        .collect();
+    let published: Vec<i64> =
+        rows.iter().zip(outcomes).filter(|(_, o)| **o == Outcome::Published).map(|(r, _)| r.id).collect();
     if !published.is_empty() {
         diesel::sql_query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
             .bind::<Array<BigInt>, _>(&published)
@@ -93,4 +89,3 @@ fn backoff(attempts: i32, cfg: &RelayConfig) -> std::time::Duration {
     let exp = 2u32.saturating_pow(attempts.clamp(0, 30) as u32);
     jitter(cfg.retry_base.saturating_mul(exp).min(cfg.retry_max))
 }
-

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# PostgreSQL and RabbitMQ on this machine.
+#   services.sh check   one line per unreachable service, with how to start it; exit 1 if any
+#   services.sh ensure  install (apt) what is missing, start what is down, wait until both answer
+set -euo pipefail
+
+PG_HOST=127.0.0.1 PG_PORT=5432 AMQP_HOST=127.0.0.1 AMQP_PORT=5672
+
+listening() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+pg_start_cmd() {
+  local version
+  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+  echo "pg_ctlcluster --skip-systemctl-redirect ${version:-15} main start"
+}
+
+check() {
+  local ok=0
+  if ! listening "$PG_HOST" "$PG_PORT"; then
+    echo "PostgreSQL is not reachable at $PG_HOST:$PG_PORT: start it with '$(pg_start_cmd)' (or 'make infra-up' where Docker runs)" >&2
+    ok=1
+  fi
+  if ! listening "$AMQP_HOST" "$AMQP_PORT"; then
+    echo "RabbitMQ is not reachable at $AMQP_HOST:$AMQP_PORT: start it with 'rabbitmq-server -detached' (or 'make infra-up' where Docker runs)" >&2
+    ok=1
+  fi
+  return $ok
+}
+
+wait_for() {
+  local name=$1 host=$2 port=$3
+  for _ in $(seq 1 120); do
+    listening "$host" "$port" && return 0
+    sleep 1
+  done
+  echo "$name did not start listening on $host:$port within 120s" >&2
+  return 1
+}
+
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure() {
+  if ! listening "$PG_HOST" "$PG_PORT"; then
+    command -v pg_ctlcluster >/dev/null || apt_install postgresql postgresql-contrib
+    # Tests connect as postgres without a password over TCP.
+    for hba in /etc/postgresql/*/main/pg_hba.conf; do
+      grep -q '^host all all 127.0.0.1/32 trust' "$hba" ||
+        sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    done
+    echo "starting PostgreSQL"
+    $(pg_start_cmd) || true
+    wait_for PostgreSQL "$PG_HOST" "$PG_PORT"
+  fi
+  if ! listening "$AMQP_HOST" "$AMQP_PORT"; then
+    command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+    echo "starting RabbitMQ"
+    rabbitmq-server -detached || true
+    wait_for RabbitMQ "$AMQP_HOST" "$AMQP_PORT"
+    rabbitmqctl await_startup >/dev/null 2>&1 || true
+  fi
+}
+
+case "${1:-check}" in
+  check) check ;;
+  ensure) ensure ;;
+  *) echo "usage: $0 check|ensure" >&2; exit 2 ;;
+esac
