@@ -23,6 +23,7 @@ stop() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   echo "stopped"
+  exit 0
 }
 trap stop INT TERM EXIT
 
@@ -73,6 +74,7 @@ Try:
 Ctrl-C stops everything.
 MSG
 
-# Exit (and stop the rest) as soon as any process dies.
+# Stop the rest as soon as any process dies (the trap runs on exit).
 wait -n "${pids[@]}" || true
-echo "a process exited; see $LOGS/" >&2
+echo "a process exited unexpectedly; see $LOGS/" >&2
+exit 1
