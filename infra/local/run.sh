@@ -16,6 +16,7 @@ infra/local/services.sh check
 
 pids=()
 stop() {
+  local rc=$1
   trap - INT TERM EXIT
   echo
   echo "stopping..."
@@ -23,9 +24,11 @@ stop() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   echo "stopped"
-  exit 0
+  exit "$rc"
 }
-trap stop INT TERM EXIT
+# Ctrl-C and SIGTERM are a normal stop; any other exit keeps its status.
+trap 'stop 0' INT TERM
+trap 'stop $?' EXIT
 
 start() {
   local name=$1; shift
