@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::domain::{CreateOrder, Limits, OrderStatus, validate};
-use crate::store::{self, Created, ListQuery, Order, TimelineRow};
+use crate::store::{self, Cancelled, Created, ListQuery, Order, TimelineRow};
 
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
@@ -333,6 +333,94 @@ pub async fn order_events(id: web::Path<Uuid>, state: web::Data<AppState>) -> Re
     }
     let entries: Vec<TimelineEntry> = store::timeline(&mut conn, id).await?.into_iter().map(Into::into).collect();
     Ok(HttpResponse::Ok().json(entries))
+}
+
+/// `POST /orders/{id}/cancel` body (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelOrder {
+    /// Why the customer cancels (at most 500 characters).
+    pub reason: Option<String>,
+}
+
+/// Cancel an order.
+///
+/// Allowed while the order is `pending` (not yet shipped). Stock and an
+/// authorized payment are given back by the pipeline afterwards
+/// (`inventory.released`, `payment.refunded` in the timeline). Cancelling a
+/// cancelled order returns it unchanged. A cancel racing the pipeline is
+/// decided by the order's version: either it wins and everything is
+/// compensated, or the order was confirmed first and the cancel is refused.
+#[utoipa::path(
+    tag = "orders",
+    params(("id" = Uuid, Path, description = "Order id")),
+    request_body(content = Option<CancelOrder>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Cancelled (now or before)", body = OrderView),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already shipped (confirmed) or failed", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[post("/orders/{id}/cancel")]
+pub async fn cancel_order(
+    req: HttpRequest,
+    id: web::Path<Uuid>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let has_body = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v != "0")
+        || req.headers().contains_key(actix_web::http::header::TRANSFER_ENCODING);
+    let body: CancelOrder =
+        if has_body { json_body(&req, payload, state.max_body_bytes).await? } else { CancelOrder::default() };
+    let reason = body.reason.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
+    if reason.as_ref().is_some_and(|r| r.chars().count() > 500) {
+        return Err(Problem::invalid("reason", "must be at most 500 characters").into());
+    }
+    let meta = correlation(&req);
+    let mut pooled = state.pool.get().await?;
+    let conn: &mut Conn = &mut pooled;
+    // A lost version race means the pipeline changed the order meanwhile:
+    // look again, the answer may now be different (e.g. confirmed).
+    for _ in 0..5 {
+        let outcome = conn
+            .transaction::<_, diesel::result::Error, _>(async |tx| {
+                store::cancel(tx, id, reason.as_deref(), &meta).await
+            })
+            .await?;
+        let order = match outcome {
+            Cancelled::NotFound => return Err(Problem::not_found(format!("no order {id}")).into()),
+            Cancelled::Raced => continue,
+            Cancelled::Now(o) => {
+                tracing::info!(order_id = %id, "order cancelled");
+                o
+            }
+            Cancelled::Already(o) => o,
+            Cancelled::Refused(o) => {
+                let detail = match o.row.status() {
+                    OrderStatus::Confirmed => format!(
+                        "order {id} is already shipped (tracking {}); it can no longer be cancelled",
+                        o.row.tracking_number.as_deref().unwrap_or("?")
+                    ),
+                    _ => format!(
+                        "order {id} already failed ({}); there is nothing to cancel",
+                        o.row.fail_reason.as_deref().unwrap_or("no reason")
+                    ),
+                };
+                return Err(Problem::conflict(detail).into());
+            }
+        };
+        return Ok(HttpResponse::Ok().json(OrderView::from(order)));
+    }
+    Err(Problem::unavailable("the order keeps changing; retry the cancel").into())
 }
 
 #[cfg(test)]

@@ -59,6 +59,7 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
             .service(api::list_orders)
             .service(api::get_order)
             .service(api::order_events)
+            .service(api::cancel_order)
             .split_for_parts();
         app.configure(orderflow_web::operational_routes)
             .service(SwaggerUi::new("/swagger-ui/{_:.*}").url("/openapi.json", openapi))

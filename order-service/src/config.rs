@@ -14,7 +14,7 @@ pub struct Config {
     #[arg(long, env = "ORDER_HTTP_ADDR", default_value = "127.0.0.1:8000")]
     pub http_addr: SocketAddr,
     /// The service's own PostgreSQL database.
-    #[arg(long, env = "ORDER_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/orderflow_orders", value_parser = parse_pg_url)]
+    #[arg(long, env = "ORDER_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/orderflow_orders", value_parser = orderflow_telemetry::args::pg_url)]
     pub database_url: String,
     /// Connections in the database pool.
     #[arg(long, env = "ORDER_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -34,15 +34,6 @@ pub struct Config {
     /// Logging options.
     #[command(flatten)]
     pub log: LogArgs,
-}
-
-/// Accepts `postgres://` and `postgresql://` URLs.
-pub fn parse_pg_url(s: &str) -> Result<String, String> {
-    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-        Ok(s.to_owned())
-    } else {
-        Err("expected postgres://user@host:port/database".into())
-    }
 }
 
 #[cfg(test)]

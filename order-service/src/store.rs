@@ -211,6 +211,48 @@ pub async fn update(conn: &mut Conn, id: Uuid, expected: i64, change: Change) ->
     Ok(n == 1)
 }
 
+/// Result of [`cancel`].
+#[derive(Debug)]
+pub enum Cancelled {
+    /// No such order.
+    NotFound,
+    /// Cancelled now; `order.cancelled` written.
+    Now(Order),
+    /// It was cancelled before: nothing written.
+    Already(Order),
+    /// Final in another state (confirmed = shipped, or failed).
+    Refused(Order),
+    /// The order changed between reading and writing: try again.
+    Raced,
+}
+
+/// Cancels a pending order with an optimistic version check, writing
+/// `order.cancelled` in the same transaction.
+pub async fn cancel(conn: &mut Conn, id: Uuid, reason: Option<&str>, meta: &Metadata) -> QueryResult<Cancelled> {
+    let Some(order) = get(conn, id).await? else {
+        return Ok(Cancelled::NotFound);
+    };
+    match order.row.status() {
+        OrderStatus::Cancelled => return Ok(Cancelled::Already(order)),
+        OrderStatus::Confirmed | OrderStatus::Failed => return Ok(Cancelled::Refused(order)),
+        OrderStatus::Pending => {}
+    }
+    let change =
+        Change { status: Some(OrderStatus::Cancelled), cancel_reason: reason.map(str::to_owned), ..Change::default() };
+    if !update(conn, id, order.row.version, change).await? {
+        return Ok(Cancelled::Raced);
+    }
+    let event = orderflow_envelope::events::OrderCancelled {
+        order_id: id,
+        customer_id: order.row.customer_id.clone(),
+        reason: reason.map(str::to_owned),
+    };
+    emit(conn, &event, order.row.version + 1, meta).await?;
+    metrics::counter!("orders_finalized_total", "status" => "cancelled").increment(1);
+    let order = get(conn, id).await?.ok_or(diesel::result::Error::NotFound)?;
+    Ok(Cancelled::Now(order))
+}
+
 /// Filters and position of a listing page.
 #[derive(Debug, Default)]
 pub struct ListQuery {

@@ -30,7 +30,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct Target {
     /// The service database whose outbox is relayed.
-    #[arg(long, env = "DATABASE_URL", value_parser = parse_pg_url)]
+    #[arg(long, env = "DATABASE_URL", value_parser = orderflow_telemetry::args::pg_url)]
     pub database_url: String,
     /// RabbitMQ URL.
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -53,22 +53,22 @@ pub struct RunArgs {
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
     pub batch_size: i64,
     /// Claim this often even without a NOTIFY (e.g. 1s, 250ms).
-    #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = orderflow_telemetry::args::duration)]
     pub poll_interval: Duration,
     /// Failed publishes of a row before it is marked dead.
     #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=1000))]
     pub max_attempts: i32,
     /// First backoff of a failed row; doubles per attempt, with jitter.
-    #[arg(long, env = "RELAY_RETRY_BASE", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "RELAY_RETRY_BASE", default_value = "500ms", value_parser = orderflow_telemetry::args::duration)]
     pub retry_base: Duration,
     /// Longest backoff of a failed row.
-    #[arg(long, env = "RELAY_RETRY_MAX", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "RELAY_RETRY_MAX", default_value = "5m", value_parser = orderflow_telemetry::args::duration)]
     pub retry_max: Duration,
     /// A publish not confirmed within this counts as a broker failure.
-    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT", default_value = "30s", value_parser = orderflow_telemetry::args::duration)]
     pub confirm_timeout: Duration,
     /// Longest wait between reconnect attempts while the broker or the database is down.
-    #[arg(long, env = "RELAY_RECONNECT_MAX", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "RELAY_RECONNECT_MAX", default_value = "30s", value_parser = orderflow_telemetry::args::duration)]
     pub reconnect_max: Duration,
     /// Address of the relay's /metrics and /health (port 0: any free port; "off" to disable).
     #[arg(long, env = "RELAY_METRICS_ADDR", default_value = "127.0.0.1:9100", value_parser = parse_metrics_addr)]
@@ -78,18 +78,6 @@ pub struct RunArgs {
 /// Where the relay serves /metrics, if anywhere.
 #[derive(Debug, Clone, Copy)]
 pub struct MetricsAddr(pub Option<SocketAddr>);
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (examples: 250ms, 1s, 5m)"))
-}
-
-fn parse_pg_url(s: &str) -> Result<String, String> {
-    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-        Ok(s.to_owned())
-    } else {
-        Err("expected postgres://user@host:port/database".into())
-    }
-}
 
 fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
     if s == "off" {

@@ -7,9 +7,15 @@ use diesel_async::RunQueryDsl;
 use orderflow_db::{ErrorClass, Pool, classify};
 use orderflow_web::{Problem, json_body};
 use serde::Deserialize;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use uuid::Uuid;
 
 use crate::catalog::{self, NewProduct};
+use crate::notification::{self, BreakerState, CircuitBreaker, Notification};
 use crate::schema::products;
 use crate::store::Product;
 
@@ -20,6 +26,10 @@ pub struct AppState {
     pub pool: Pool,
     /// Maximum request body size, bytes.
     pub max_body_bytes: usize,
+    /// The webhook's circuit breaker.
+    pub breaker: Arc<CircuitBreaker>,
+    /// The webhook, if configured.
+    pub webhook_url: Option<String>,
 }
 
 /// Errors of the handlers, each mapped to a problem+json response.
@@ -175,4 +185,67 @@ pub async fn set_stock(
         .optional()?;
     let product = updated.ok_or_else(|| Problem::not_found(format!("no product {sku}")))?;
     Ok(HttpResponse::Ok().json(product))
+}
+
+/// Filters of `GET /notifications`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct NotificationParams {
+    /// Only this order's notifications.
+    pub order_id: Option<Uuid>,
+    /// At most this many, newest first (1 to 500, default 100).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<i64>,
+}
+
+/// Notifications recorded for customers, newest first.
+#[utoipa::path(
+    tag = "notifications",
+    params(NotificationParams),
+    responses(
+        (status = 200, body = Vec<Notification>),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[get("/notifications")]
+pub async fn list_notifications(
+    params: web::Query<NotificationParams>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::invalid("query.limit", "must be between 1 and 500").into());
+    }
+    let mut conn = state.pool.get().await?;
+    Ok(HttpResponse::Ok().json(notification::list(&mut conn, params.order_id, limit).await?))
+}
+
+/// Delivery state of the notification webhook.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookStatus {
+    /// Whether a webhook is configured.
+    pub configured: bool,
+    /// Circuit breaker state.
+    pub breaker: BreakerState,
+    /// Notifications not delivered yet.
+    pub undelivered: i64,
+}
+
+/// Webhook delivery status: the circuit breaker and the backlog.
+#[utoipa::path(
+    tag = "notifications",
+    responses((status = 200, body = WebhookStatus), (status = 503, body = Problem, content_type = "application/problem+json"))
+)]
+#[get("/notifications/webhook")]
+pub async fn webhook_status(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    use crate::schema::notifications;
+    let mut conn = state.pool.get().await?;
+    let undelivered: i64 =
+        notifications::table.filter(notifications::status.ne("delivered")).count().get_result(&mut conn).await?;
+    Ok(HttpResponse::Ok().json(WebhookStatus {
+        configured: state.webhook_url.is_some(),
+        breaker: state.breaker.state(),
+        undelivered,
+    }))
 }

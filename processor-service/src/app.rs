@@ -1,5 +1,5 @@
-//! Building and running processor-service: database, catalog, the three
-//! stage consumers and the HTTP server.
+//! Building and running processor-service: database, catalog, the stage
+//! consumers, the notification dispatcher and the HTTP server.
 
 use actix_web::{App, HttpServer, web};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
@@ -11,8 +11,11 @@ use utoipa_actix_web::AppExt;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::api::{self, AppState};
-use crate::config::Config;
+use std::sync::Arc;
+
+use crate::config::{Config, Stage};
 use crate::inventory::{self, Inventory};
+use crate::notification::{self, CircuitBreaker, Dispatcher, Notifications, WebhookConfig};
 use crate::payment::{self, PaymentRules, Payments};
 use crate::shipping::{self, Shipping};
 
@@ -51,23 +54,62 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
         decline_rate: cfg.payment_decline_rate,
         decline_seed: cfg.payment_decline_seed,
     };
-    let inventory_cfg = cfg.consumer.config(inventory::CONSUMER, inventory::BINDINGS);
-    let payment_cfg = cfg.consumer.config(payment::CONSUMER, payment::BINDINGS);
-    let shipping_cfg = cfg.consumer.config(shipping::CONSUMER, shipping::BINDINGS);
-    let readiness = Readiness::new(
-        pool.clone(),
-        [&inventory_cfg, &payment_cfg, &shipping_cfg]
-            .iter()
-            .map(|c| (c.spec.consumer.clone(), c.connected.clone()))
-            .collect(),
-    );
-    let tasks = vec![
-        tokio::spawn(orderflow_consumer::run(inventory_cfg, pool.clone(), Inventory, shutdown.child_token())),
-        tokio::spawn(orderflow_consumer::run(payment_cfg, pool.clone(), Payments { rules }, shutdown.child_token())),
-        tokio::spawn(orderflow_consumer::run(shipping_cfg, pool.clone(), Shipping, shutdown.child_token())),
-    ];
+    let breaker = Arc::new(CircuitBreaker::new(cfg.notify_breaker_threshold, cfg.notify_breaker_cooldown));
+    let mut tasks = Vec::new();
+    let mut connected = Vec::new();
+    for stage in [Stage::Inventory, Stage::Payment, Stage::Shipping, Stage::Notification] {
+        let (consumer, bindings) = match stage {
+            Stage::Inventory => (inventory::CONSUMER, inventory::BINDINGS),
+            Stage::Payment => (payment::CONSUMER, payment::BINDINGS),
+            Stage::Shipping => (shipping::CONSUMER, shipping::BINDINGS),
+            Stage::Notification => (notification::CONSUMER, notification::BINDINGS),
+        };
+        let consumer_cfg = cfg.consumer.config(consumer, bindings);
+        let token = shutdown.child_token();
+        if !cfg.stages.contains(&stage) {
+            tasks.push(tokio::spawn(async move { orderflow_consumer::declare(&consumer_cfg, &token).await }));
+            continue;
+        }
+        connected.push((consumer.to_owned(), consumer_cfg.connected.clone()));
+        let pool = pool.clone();
+        tasks.push(match stage {
+            Stage::Inventory => tokio::spawn(orderflow_consumer::run(consumer_cfg, pool, Inventory, token)),
+            Stage::Payment => {
+                tokio::spawn(orderflow_consumer::run(consumer_cfg, pool, Payments { rules: rules.clone() }, token))
+            }
+            Stage::Shipping => tokio::spawn(orderflow_consumer::run(consumer_cfg, pool, Shipping, token)),
+            Stage::Notification => tokio::spawn(orderflow_consumer::run(consumer_cfg, pool, Notifications, token)),
+        });
+    }
+    if cfg.stages.contains(&Stage::Notification) {
+        match &cfg.notify_webhook_url {
+            Some(url) => {
+                let webhook = WebhookConfig {
+                    url: url.clone(),
+                    timeout: cfg.notify_webhook_timeout,
+                    quick_retries: usize::from(cfg.notify_quick_retries),
+                    retry_base: cfg.notify_retry_base,
+                    retry_max: cfg.notify_retry_max,
+                    max_attempts: cfg.notify_max_attempts,
+                    breaker_threshold: cfg.notify_breaker_threshold,
+                    breaker_cooldown: cfg.notify_breaker_cooldown,
+                    poll_interval: cfg.notify_poll_interval,
+                };
+                let dispatcher = Dispatcher::new(pool.clone(), cfg.database_url.clone(), webhook, breaker.clone())
+                    .map_err(|e| StartupError::Other(format!("webhook client: {e}")))?;
+                tasks.push(tokio::spawn(dispatcher.run(shutdown.child_token())));
+            }
+            None => tracing::warn!("NOTIFY_WEBHOOK_URL is not set: notifications are recorded but not delivered"),
+        }
+    }
+    let readiness = Readiness::new(pool.clone(), connected);
 
-    let state = AppState { pool, max_body_bytes: cfg.max_body_bytes as usize };
+    let state = AppState {
+        pool,
+        max_body_bytes: cfg.max_body_bytes as usize,
+        breaker,
+        webhook_url: cfg.notify_webhook_url.clone(),
+    };
     let (listener, port) = orderflow_web::bind(cfg.http_addr)?;
     orderflow_telemetry::metrics();
     let server = HttpServer::new(move || {
@@ -82,6 +124,8 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
             .service(api::create_product)
             .service(api::get_product)
             .service(api::set_stock)
+            .service(api::list_notifications)
+            .service(api::webhook_status)
             .split_for_parts();
         app.configure(orderflow_web::operational_routes)
             .service(SwaggerUi::new("/swagger-ui/{_:.*}").url("/openapi.json", openapi))

@@ -2,6 +2,7 @@
 //! environment variable and a default that works with `make run`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use orderflow_consumer::ConsumerArgs;
 use orderflow_telemetry::LogArgs;
@@ -20,7 +21,7 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_HTTP_ADDR", default_value = "127.0.0.1:8001")]
     pub http_addr: SocketAddr,
     /// The service's own PostgreSQL database.
-    #[arg(long, env = "PROCESSOR_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/orderflow_processor", value_parser = parse_pg_url)]
+    #[arg(long, env = "PROCESSOR_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/orderflow_processor", value_parser = orderflow_telemetry::args::pg_url)]
     pub database_url: String,
     /// Connections in the database pool.
     #[arg(long, env = "PROCESSOR_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -47,6 +48,43 @@ pub struct Config {
     /// Maximum request body size in bytes.
     #[arg(long, env = "PROCESSOR_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
     pub max_body_bytes: u32,
+    /// Stages this process runs (comma-separated). Every stage's queue is
+    /// declared either way, so a stage that is not running keeps its messages.
+    #[arg(
+        long,
+        env = "PROCESSOR_STAGES",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "inventory,payment,shipping,notification"
+    )]
+    pub stages: Vec<Stage>,
+    /// Webhook that notifications are POSTed to (unset: they are recorded, not delivered).
+    #[arg(long, env = "NOTIFY_WEBHOOK_URL", value_parser = orderflow_telemetry::args::http_url)]
+    pub notify_webhook_url: Option<String>,
+    /// Timeout of one webhook call.
+    #[arg(long, env = "NOTIFY_WEBHOOK_TIMEOUT", default_value = "5s", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub notify_webhook_timeout: Duration,
+    /// Quick retries of a failed call within one delivery attempt.
+    #[arg(long, env = "NOTIFY_QUICK_RETRIES", default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=10))]
+    pub notify_quick_retries: u8,
+    /// First wait between delivery attempts; doubles per attempt, with jitter.
+    #[arg(long, env = "NOTIFY_RETRY_BASE", default_value = "1s", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub notify_retry_base: Duration,
+    /// Longest wait between delivery attempts.
+    #[arg(long, env = "NOTIFY_RETRY_MAX", default_value = "5m", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub notify_retry_max: Duration,
+    /// Attempts after which a notification is marked failed (it is still retried).
+    #[arg(long, env = "NOTIFY_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
+    pub notify_max_attempts: i32,
+    /// Consecutive failed calls that open the webhook's circuit breaker.
+    #[arg(long, env = "NOTIFY_BREAKER_THRESHOLD", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub notify_breaker_threshold: u32,
+    /// How long the breaker stays open before one probe call.
+    #[arg(long, env = "NOTIFY_BREAKER_COOLDOWN", default_value = "10s", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub notify_breaker_cooldown: Duration,
+    /// Look for due notifications this often even without a NOTIFY.
+    #[arg(long, env = "NOTIFY_POLL_INTERVAL", default_value = "1s", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub notify_poll_interval: Duration,
     /// Broker and consumer options.
     #[command(flatten)]
     pub consumer: ConsumerArgs,
@@ -55,20 +93,25 @@ pub struct Config {
     pub log: LogArgs,
 }
 
+/// A pipeline stage of processor-service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// Reserves and releases stock.
+    Inventory,
+    /// Charges and refunds.
+    Payment,
+    /// Ships paid orders.
+    Shipping,
+    /// Records and delivers notifications.
+    Notification,
+}
+
 /// The parsed catalog (a newtype so clap treats it as one value).
 #[derive(Debug, Clone)]
 pub struct Catalog(pub Vec<NewProduct>);
 
 fn parse_catalog_arg(s: &str) -> Result<Catalog, String> {
     parse_catalog(s).map(Catalog)
-}
-
-fn parse_pg_url(s: &str) -> Result<String, String> {
-    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-        Ok(s.to_owned())
-    } else {
-        Err("expected postgres://user@host:port/database".into())
-    }
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -91,6 +134,8 @@ mod tests {
         let cfg = Config::try_parse_from(["processor-service"]).unwrap();
         assert_eq!(cfg.catalog.0.len(), 4);
         assert_eq!(cfg.payment_decline_rate, 0.0);
+        assert_eq!(cfg.stages, [Stage::Inventory, Stage::Payment, Stage::Shipping, Stage::Notification]);
+        assert!(cfg.notify_webhook_url.is_none());
     }
 
     #[test]
@@ -99,6 +144,10 @@ mod tests {
         assert!(err.to_string().contains("0.0 to 1.0"), "{err}");
         let err = Config::try_parse_from(["processor-service", "--catalog", r#"[{"sku":""}]"#]).unwrap_err();
         assert!(err.to_string().contains("catalog"), "{err}");
+        let err = Config::try_parse_from(["processor-service", "--stages", "inventory,billing"]).unwrap_err();
+        assert!(err.to_string().contains("billing"), "{err}");
+        let err = Config::try_parse_from(["processor-service", "--notify-webhook-url", "ftp://x"]).unwrap_err();
+        assert!(err.to_string().contains("http://"), "{err}");
         let err = Config::try_parse_from(["processor-service", "--database-url", "mysql://x"]).unwrap_err();
         assert!(err.to_string().contains("postgres://"), "{err}");
     }

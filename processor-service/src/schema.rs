@@ -47,3 +47,19 @@ diesel::table! {
         updated_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    notifications (id) {
+        id -> Uuid,
+        order_id -> Uuid,
+        customer_id -> Text,
+        kind -> Text,
+        text -> Text,
+        status -> Text,
+        attempts -> Int4,
+        next_attempt_at -> Timestamptz,
+        last_error -> Nullable<Text>,
+        created_at -> Timestamptz,
+        delivered_at -> Nullable<Timestamptz>,
+    }
+}

@@ -16,14 +16,17 @@ use diesel_async::RunQueryDsl;
 use orderflow_broker::{QueueSpec, Topology};
 use orderflow_db::Pool;
 use orderflow_outbox::relay::{self, RelayConfig};
-use orderflow_testkit::{FaultProxy, TestBroker, TestDb, eventually_some};
+use orderflow_testkit::{FaultProxy, TestBroker, TestDb};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use orderflow_testkit::eventually;
+pub use orderflow_testkit::{eventually, eventually_some};
+
+mod webhook;
+pub use webhook::WebhookSink;
 
 /// Generous: 2 shared cores can be slow; passing tests return early.
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -62,6 +65,8 @@ pub struct Options {
     /// Environment of relay processes (e.g. `ORDERFLOW_FAILPOINTS`).
     pub relay_env: Vec<(String, String)>,
     pub consumer_concurrency: u16,
+    /// More processor-service flags (stages, webhook, ...).
+    pub processor_extra: Vec<String>,
 }
 
 impl Default for Options {
@@ -77,6 +82,7 @@ impl Default for Options {
             broker_proxy: false,
             relay_env: vec![],
             consumer_concurrency: 8,
+            processor_extra: vec![],
         }
     }
 }
@@ -185,6 +191,7 @@ fn consumer_specs() -> Vec<QueueSpec> {
     specs.push((processor_service::inventory::CONSUMER, processor_service::inventory::BINDINGS));
     specs.push((processor_service::payment::CONSUMER, processor_service::payment::BINDINGS));
     specs.push((processor_service::shipping::CONSUMER, processor_service::shipping::BINDINGS));
+    specs.push((processor_service::notification::CONSUMER, processor_service::notification::BINDINGS));
     specs
         .into_iter()
         .map(|(consumer, bindings)| QueueSpec {
@@ -282,6 +289,7 @@ impl System {
             self.opts.decline_rate.to_string(),
         ];
         args.extend(self.common_args());
+        args.extend(self.opts.processor_extra.iter().cloned());
         args
     }
 
@@ -315,6 +323,16 @@ impl System {
         self.processor = Some(running);
         self.processor_port = port;
         self.wait_ready(port).await;
+    }
+
+    /// Stops processor-service (draining) and starts it again with `extra`
+    /// flags instead of the options' (e.g. other `--stages`).
+    pub async fn restart_processor(&mut self, extra: &[&str]) {
+        if let Some(r) = self.processor.take() {
+            r.stop().await;
+        }
+        self.opts.processor_extra = extra.iter().map(|s| s.to_string()).collect();
+        self.start_processor().await;
     }
 
     async fn start_orders(&mut self) {
@@ -506,6 +524,30 @@ struct N {
 pub async fn count(pool: &Pool, sql: &str) -> i64 {
     let mut conn = pool.get().await.unwrap();
     diesel::sql_query(sql).get_result::<N>(&mut conn).await.unwrap().n
+}
+
+/// POSTs to `/orders/{id}/cancel`; returns the status and the JSON body.
+pub async fn cancel(sys: &System, id: &str) -> (StatusCode, Value) {
+    let r = sys.http.post(sys.order_url(&format!("/orders/{id}/cancel"))).send().await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Event types of an order's timeline, in order.
+pub async fn timeline(sys: &System, id: &str) -> Vec<String> {
+    let events = sys.get_json(&sys.order_url(&format!("/orders/{id}/events"))).await;
+    events.as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap().to_owned()).collect()
+}
+
+/// A one-column text query.
+pub async fn texts(pool: &Pool, sql: &str) -> Vec<String> {
+    #[derive(QueryableByName)]
+    struct T {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        t: String,
+    }
+    let mut conn = pool.get().await.unwrap();
+    diesel::sql_query(sql).load::<T>(&mut conn).await.unwrap().into_iter().map(|r| r.t).collect()
 }
 
 /// An order body for `POST /orders`.

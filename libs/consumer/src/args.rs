@@ -17,7 +17,7 @@ pub struct ConsumerArgs {
     #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=512))]
     pub consumer_concurrency: u16,
     /// Delays of the retry tiers after a transient failure, e.g. `1s,5s,30s`.
-    #[arg(long, env = "CONSUMER_RETRY_DELAYS", default_value = "1s,5s,30s", value_delimiter = ',', value_parser = parse_delay)]
+    #[arg(long, env = "CONSUMER_RETRY_DELAYS", default_value = "1s,5s,30s", value_delimiter = ',', value_parser = orderflow_telemetry::args::positive_duration)]
     pub retry_delays: Vec<Duration>,
     /// Deliveries after which the broker dead-letters a message by itself
     /// (protects against a message that crashes its consumer every time).
@@ -43,14 +43,6 @@ impl ConsumerArgs {
         cfg.concurrency = usize::from(self.consumer_concurrency);
         cfg
     }
-}
-
-fn parse_delay(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (examples: 500ms, 5s, 1m)"))?;
-    if d.is_zero() {
-        return Err("a retry delay must be more than zero".into());
-    }
-    Ok(d)
 }
 
 /// A prefix must make valid, readable queue names.

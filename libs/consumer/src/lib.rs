@@ -29,4 +29,4 @@ mod runtime;
 pub use args::ConsumerArgs;
 
 pub use handler::{Handler, HandlerError, Incoming};
-pub use runtime::{ConsumerConfig, headers, run};
+pub use runtime::{ConsumerConfig, declare, headers, run};

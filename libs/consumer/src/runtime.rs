@@ -106,6 +106,35 @@ pub async fn run<H: Handler>(cfg: ConsumerConfig, pool: Pool, handler: H, shutdo
     info!(consumer = %ctx.cfg.spec.consumer, "consumer stopped");
 }
 
+/// Declares the consumer's queues (and the exchange) without consuming,
+/// retrying until the broker answers or `shutdown`. A stage that does not run
+/// in this process still gets its queue, so its messages wait for it.
+pub async fn declare(cfg: &ConsumerConfig, shutdown: &CancellationToken) {
+    let mut wait = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let attempt = async {
+            let connection = orderflow_broker::connect(&cfg.amqp_url, &format!("declare:{}", cfg.spec.consumer))
+                .await
+                .map_err(|e| e.to_string())?;
+            let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+            cfg.topology.declare_consumer(&channel, &cfg.spec).await.map_err(|e| e.to_string())?;
+            let _ = connection.close(200, "declared".into()).await;
+            Ok::<_, String>(())
+        };
+        match attempt.await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(consumer = %cfg.spec.consumer, error = %e, "cannot declare queues yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                wait = (wait * 2).min(cfg.reconnect_max);
+            }
+        }
+    }
+}
+
 async fn session<H: Handler>(ctx: &Arc<Ctx<H>>, shutdown: &CancellationToken) -> Result<(), String> {
     let spec = &ctx.cfg.spec;
     let name = format!("consumer:{}", spec.consumer);

@@ -40,6 +40,18 @@ pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
     Ok(pool)
 }
 
+/// A dedicated connection that LISTENs on `channel`. Notifications need a
+/// connection of their own: a pooled one is shared and recycled.
+pub async fn listen(url: &str, channel: &str) -> Result<Conn, DbError> {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    if channel.is_empty() || !channel.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(DbError::Config(format!("invalid channel name {channel:?}")));
+    }
+    let mut conn = Conn::establish(url).await.map_err(|e| DbError::unreachable(url, e))?;
+    diesel::sql_query(format!("LISTEN {channel}")).execute(&mut conn).await?;
+    Ok(conn)
+}
+
 /// `url` with the password removed, for logs and error messages.
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {

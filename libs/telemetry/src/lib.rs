@@ -87,3 +87,40 @@ pub fn metrics() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// Command-line value parsers shared by every orderflow binary, so a bad
+/// value gets the same one-line explanation everywhere.
+pub mod args {
+    use std::time::Duration;
+
+    /// A duration such as `250ms`, `5s` or `2m`.
+    pub fn duration(s: &str) -> Result<Duration, String> {
+        humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (examples: 250ms, 5s, 2m)"))
+    }
+
+    /// A duration that is more than zero.
+    pub fn positive_duration(s: &str) -> Result<Duration, String> {
+        match duration(s)? {
+            d if d.is_zero() => Err("must be more than zero (examples: 250ms, 5s, 2m)".into()),
+            d => Ok(d),
+        }
+    }
+
+    /// A PostgreSQL URL.
+    pub fn pg_url(s: &str) -> Result<String, String> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(s.to_owned())
+        } else {
+            Err("expected postgres://user@host:port/database".into())
+        }
+    }
+
+    /// An http(s) URL.
+    pub fn http_url(s: &str) -> Result<String, String> {
+        if s.starts_with("http://") || s.starts_with("https://") {
+            Ok(s.to_owned())
+        } else {
+            Err("expected an http:// or https:// URL".into())
+        }
+    }
+}

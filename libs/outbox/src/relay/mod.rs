@@ -210,10 +210,9 @@ struct DbSession {
 
 impl DbSession {
     async fn open(cfg: &RelayConfig) -> Result<Self, RelayError> {
-        let mut conn = Conn::establish(&cfg.database_url)
+        let mut conn = orderflow_db::listen(&cfg.database_url, NOTIFY_CHANNEL)
             .await
-            .map_err(|e| RelayError::DbConnect(format!("{}: {e}", orderflow_db::redact(&cfg.database_url))))?;
-        diesel::sql_query(format!("LISTEN {NOTIFY_CHANNEL}")).execute(&mut conn).await?;
+            .map_err(|e| RelayError::DbConnect(e.to_string()))?;
         diesel::sql_query("SELECT set_config('application_name', $1, false)")
             .bind::<diesel::sql_types::Text, _>(format!("outbox-relay:{}", cfg.relay_id))
             .execute(&mut conn)

@@ -1,0 +1,242 @@
+//! Delivers recorded notifications to the webhook.
+//!
+//! Each round leases a few due notifications (their `next_attempt_at` moves
+//! past the call's timeout, so a crashed dispatcher's lease simply expires),
+//! POSTs each with a few quick retries (backon: exponential, with jitter),
+//! and records the outcome: delivered, or the next attempt with a longer,
+//! jittered backoff. A circuit breaker stops calls while the webhook is down
+//! and probes it once per cooldown. Nothing is ever dropped: after
+//! `max_attempts` a notification is marked `failed` and still retried at the
+//! longest backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Double};
+use diesel_async::RunQueryDsl;
+use futures::StreamExt;
+use orderflow_db::Pool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{CircuitBreaker, NOTIFY_CHANNEL, Notification};
+use crate::schema::notifications;
+
+/// How notifications are delivered.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Where to POST them.
+    pub url: String,
+    /// Timeout of one call.
+    pub timeout: Duration,
+    /// Quick retries within one attempt.
+    pub quick_retries: usize,
+    /// First backoff between attempts; doubles per attempt, with jitter.
+    pub retry_base: Duration,
+    /// Longest backoff between attempts.
+    pub retry_max: Duration,
+    /// Attempts after which a notification is marked failed (and still retried).
+    pub max_attempts: i32,
+    /// Consecutive failed calls that open the breaker.
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before a probe.
+    pub breaker_cooldown: Duration,
+    /// Look for due notifications this often even without a NOTIFY.
+    pub poll_interval: Duration,
+}
+
+/// The delivery loop; see the module docs.
+pub struct Dispatcher {
+    pool: Pool,
+    database_url: String,
+    client: reqwest::Client,
+    cfg: WebhookConfig,
+    breaker: Arc<CircuitBreaker>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("webhook answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("webhook unreachable: {0}")]
+    Transport(String),
+    #[error("circuit breaker open")]
+    Open,
+}
+
+const BATCH: i64 = 20;
+
+impl Dispatcher {
+    /// A dispatcher for `cfg`, sharing `breaker` (for status reports).
+    pub fn new(
+        pool: Pool,
+        database_url: String,
+        cfg: WebhookConfig,
+        breaker: Arc<CircuitBreaker>,
+    ) -> Result<Self, String> {
+        let client = reqwest::Client::builder().timeout(cfg.timeout).build().map_err(|e| e.to_string())?;
+        Ok(Self { pool, database_url, client, cfg, breaker })
+    }
+
+    /// Delivers until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(url = %self.cfg.url, "notification dispatcher started");
+        let mut listener = None;
+        while !shutdown.is_cancelled() {
+            let more = match self.round().await {
+                Ok(more) => more,
+                Err(e) => {
+                    tracing::warn!(error = %e, "notification round failed");
+                    false
+                }
+            };
+            if more {
+                continue;
+            }
+            // Sleep until a new notification, the poll interval, or the
+            // breaker's next probe, whichever comes first.
+            let wait = match self.breaker.try_acquire_peek() {
+                Some(open_for) => open_for.min(self.cfg.poll_interval),
+                None => self.cfg.poll_interval,
+            };
+            if listener.is_none() {
+                listener = orderflow_db::listen(&self.database_url, NOTIFY_CHANNEL).await.ok();
+            }
+            let woken = async {
+                match listener.as_mut() {
+                    Some(conn) => {
+                        let mut stream = std::pin::pin!(conn.notifications_stream());
+                        stream.next().await.is_some()
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                alive = woken => if !alive { listener = None },
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        tracing::info!("notification dispatcher stopped");
+    }
+
+    /// One round: lease due notifications and try each. True if the batch
+    /// was full (there may be more).
+    async fn round(&self) -> Result<bool, String> {
+        if self.breaker.try_acquire_peek().is_some() {
+            return Ok(false);
+        }
+        let lease = self.cfg.timeout * (self.cfg.quick_retries as u32 + 1) + Duration::from_secs(5);
+        let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+        let due: Vec<Notification> = diesel::sql_query(
+            "UPDATE notifications SET next_attempt_at = now() + make_interval(secs => $1) \
+             WHERE id IN (SELECT id FROM notifications \
+                          WHERE status <> 'delivered' AND next_attempt_at <= now() \
+                          ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING *",
+        )
+        .bind::<Double, _>(lease.as_secs_f64())
+        .bind::<BigInt, _>(BATCH)
+        .load(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+        let full = due.len() as i64 == BATCH;
+        for n in due {
+            match self.deliver(&n).await {
+                Ok(()) => {
+                    diesel::update(notifications::table.find(n.id))
+                        .set((
+                            notifications::status.eq("delivered"),
+                            notifications::attempts.eq(n.attempts + 1),
+                            notifications::delivered_at.eq(diesel::dsl::now),
+                            notifications::last_error.eq(None::<String>),
+                        ))
+                        .execute(&mut conn)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    metrics::counter!("notifications_delivered_total").increment(1);
+                }
+                Err(CallError::Open) => {
+                    // Not an attempt: try again when the breaker lets us.
+                    let wait = self.breaker.try_acquire_peek().unwrap_or(self.cfg.breaker_cooldown);
+                    reschedule(&mut conn, n.id, wait).await?;
+                }
+                Err(e) => {
+                    let attempts = n.attempts + 1;
+                    let exp = 2u32.saturating_pow(attempts.clamp(0, 30) as u32 - 1);
+                    let backoff = self
+                        .cfg
+                        .retry_base
+                        .saturating_mul(exp)
+                        .min(self.cfg.retry_max)
+                        .mul_f64(0.5 + rand::random::<f64>());
+                    let status = if attempts >= self.cfg.max_attempts { "failed" } else { "pending" };
+                    tracing::warn!(id = %n.id, attempts, retry_in = ?backoff, error = %e, "notification not delivered");
+                    diesel::update(notifications::table.find(n.id))
+                        .set((
+                            notifications::status.eq(status),
+                            notifications::attempts.eq(attempts),
+                            notifications::last_error.eq(e.to_string()),
+                        ))
+                        .execute(&mut conn)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    reschedule(&mut conn, n.id, backoff).await?;
+                    metrics::counter!("notifications_failed_attempts_total").increment(1);
+                }
+            }
+        }
+        Ok(full)
+    }
+
+    /// One attempt: a call plus quick retries, each asking the breaker first.
+    async fn deliver(&self, n: &Notification) -> Result<(), CallError> {
+        let retry = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(self.cfg.quick_retries)
+            .with_jitter();
+        (|| self.call(n)).retry(retry).when(|e| !matches!(e, CallError::Open)).await
+    }
+
+    async fn call(&self, n: &Notification) -> Result<(), CallError> {
+        self.breaker.try_acquire().map_err(|_| CallError::Open)?;
+        metrics::counter!("notification_webhook_calls_total").increment(1);
+        let sent = self
+            .client
+            .post(&self.cfg.url)
+            .header("Idempotency-Key", n.id.to_string())
+            .json(&serde_json::json!({
+                "id": n.id,
+                "order_id": n.order_id,
+                "customer_id": n.customer_id,
+                "kind": n.kind,
+                "text": n.text,
+                "created_at": n.created_at,
+            }))
+            .send()
+            .await;
+        let result = match sent {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(CallError::Status(r.status())),
+            Err(e) => Err(CallError::Transport(e.to_string())),
+        };
+        match &result {
+            Ok(()) => self.breaker.on_success(),
+            Err(_) => self.breaker.on_failure(),
+        }
+        result
+    }
+}
+
+async fn reschedule(conn: &mut orderflow_db::Conn, id: Uuid, wait: Duration) -> Result<(), String> {
+    diesel::sql_query("UPDATE notifications SET next_attempt_at = now() + make_interval(secs => $2) WHERE id = $1")
+        .bind::<diesel::sql_types::Uuid, _>(id)
+        .bind::<Double, _>(wait.as_secs_f64())
+        .execute(conn)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,145 @@
+//! The notification stage: one notification per order and outcome, recorded
+//! exactly once, delivered to a webhook at least once.
+
+mod breaker;
+mod dispatcher;
+
+pub use breaker::{BreakerState, CircuitBreaker};
+pub use dispatcher::{Dispatcher, WebhookConfig};
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use orderflow_consumer::{Handler, HandlerError, Incoming};
+use orderflow_db::Conn;
+use orderflow_envelope::events::Event;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::schema::notifications;
+
+/// Consumer (and inbox) name.
+pub const CONSUMER: &str = "notification";
+/// Events it consumes.
+pub const BINDINGS: &[&str] = &["order.confirmed", "order.failed", "order.cancelled"];
+/// Channel on which new notifications wake the dispatcher.
+pub const NOTIFY_CHANNEL: &str = "orderflow_notifications";
+
+/// A recorded notification.
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable, Serialize, ToSchema)]
+#[diesel(table_name = notifications)]
+pub struct Notification {
+    /// Id, also the webhook's `Idempotency-Key`.
+    pub id: Uuid,
+    /// The order.
+    pub order_id: Uuid,
+    /// Who to tell.
+    pub customer_id: String,
+    /// `order_confirmed`, `order_failed` or `order_cancelled`.
+    pub kind: String,
+    /// The message.
+    pub text: String,
+    /// `pending` (not delivered yet), `delivered`, or `failed` (many
+    /// attempts failed; still retried, less often).
+    pub status: String,
+    /// Delivery attempts so far.
+    pub attempts: i32,
+    /// When the next attempt is due.
+    pub next_attempt_at: DateTime<Utc>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+    /// When the webhook accepted it.
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// Minor units as a decimal amount, without floats.
+fn money(minor: i64) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02}", minor.unsigned_abs() / 100, minor.unsigned_abs() % 100)
+}
+
+/// What to tell whom about `event`, if it is an outcome.
+fn compose(event: &Event) -> Option<(Uuid, &str, &'static str, String)> {
+    match event {
+        Event::OrderConfirmed(e) => Some((
+            e.order_id,
+            &e.customer_id,
+            "order_confirmed",
+            format!(
+                "Your order {} is confirmed: {} charged, shipped with tracking number {}.",
+                e.order_id,
+                money(e.total_amount),
+                e.tracking_number.as_deref().unwrap_or("(pending)")
+            ),
+        )),
+        Event::OrderFailed(e) => Some((
+            e.order_id,
+            &e.customer_id,
+            "order_failed",
+            format!("Your order {} could not be completed: {}.", e.order_id, e.reason),
+        )),
+        Event::OrderCancelled(e) => Some((
+            e.order_id,
+            &e.customer_id,
+            "order_cancelled",
+            format!("Your order {} is cancelled; any payment is refunded.", e.order_id),
+        )),
+        _ => None,
+    }
+}
+
+/// Records notifications; the [`Dispatcher`] delivers them.
+#[derive(Debug, Clone, Default)]
+pub struct Notifications;
+
+impl Handler for Notifications {
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+        let Some((order_id, customer_id, kind, text)) = compose(msg.event) else {
+            return Err(HandlerError::Permanent(format!("notification does not consume {}", msg.event.event_type())));
+        };
+        // The inbox drops a redelivered message; the unique (order, kind)
+        // also drops the same outcome sent again under a new message id.
+        let inserted = diesel::insert_into(notifications::table)
+            .values((
+                notifications::id.eq(Uuid::now_v7()),
+                notifications::order_id.eq(order_id),
+                notifications::customer_id.eq(customer_id),
+                notifications::kind.eq(kind),
+                notifications::text.eq(&text),
+            ))
+            .on_conflict((notifications::order_id, notifications::kind))
+            .do_nothing()
+            .execute(conn)
+            .await?;
+        if inserted == 1 {
+            diesel::sql_query(format!("NOTIFY {NOTIFY_CHANNEL}")).execute(conn).await?;
+            metrics::counter!("notifications_recorded_total", "kind" => kind).increment(1);
+        }
+        Ok(())
+    }
+}
+
+/// Notifications, newest first, optionally of one order.
+pub async fn list(conn: &mut Conn, order_id: Option<Uuid>, limit: i64) -> QueryResult<Vec<Notification>> {
+    let mut query = notifications::table.select(Notification::as_select()).into_boxed();
+    if let Some(order_id) = order_id {
+        query = query.filter(notifications::order_id.eq(order_id));
+    }
+    query.order((notifications::created_at.desc(), notifications::id.desc())).limit(limit).load(conn).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::money;
+
+    #[test]
+    fn money_is_formatted_exactly() {
+        assert_eq!(money(629_7), "62.97");
+        assert_eq!(money(5), "0.05");
+        assert_eq!(money(100), "1.00");
+        assert_eq!(money(-1250), "-12.50");
+    }
+}

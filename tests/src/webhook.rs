@@ -1,0 +1,72 @@
+//! A webhook receiver for notification tests, switchable between up and
+//! down, counting what it gets.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+
+#[derive(Default)]
+struct State {
+    up: AtomicBool,
+    refused: AtomicUsize,
+    accepted: Mutex<HashMap<String, u32>>,
+}
+
+/// See the module docs.
+pub struct WebhookSink {
+    pub url: String,
+    state: Arc<State>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+async fn receive(req: HttpRequest, state: web::Data<State>) -> HttpResponse {
+    if !state.up.load(Ordering::SeqCst) {
+        state.refused.fetch_add(1, Ordering::SeqCst);
+        return HttpResponse::ServiceUnavailable().finish();
+    }
+    let key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    *state.accepted.lock().unwrap().entry(key).or_default() += 1;
+    HttpResponse::NoContent().finish()
+}
+
+impl WebhookSink {
+    /// Starts the receiver, up or down.
+    pub async fn start(up: bool) -> Self {
+        let state = Arc::new(State::default());
+        state.up.store(up, Ordering::SeqCst);
+        let data = web::Data::from(state.clone());
+        let server = HttpServer::new(move || App::new().app_data(data.clone()).route("/hook", web::post().to(receive)))
+            .workers(1)
+            .disable_signals()
+            .bind("127.0.0.1:0")
+            .unwrap();
+        let port = server.addrs()[0].port();
+        let server = server.run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        Self { url: format!("http://127.0.0.1:{port}/hook"), state, handle }
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.state.up.store(up, Ordering::SeqCst);
+    }
+
+    /// Calls answered 503 while down.
+    pub fn refused(&self) -> usize {
+        self.state.refused.load(Ordering::SeqCst)
+    }
+
+    /// Accepted deliveries per idempotency key.
+    pub fn accepted(&self) -> HashMap<String, u32> {
+        self.state.accepted.lock().unwrap().clone()
+    }
+}
+
+impl Drop for WebhookSink {
+    fn drop(&mut self) {
+        let handle = self.handle.clone();
+        tokio::spawn(async move { handle.stop(false).await });
+    }
+}
