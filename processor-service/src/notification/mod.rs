@@ -137,7 +137,7 @@ mod tests {
 
     #[test]
     fn money_is_formatted_exactly() {
-        assert_eq!(money(629_7), "62.97");
+        assert_eq!(money(6297), "62.97");
         assert_eq!(money(5), "0.05");
         assert_eq!(money(100), "1.00");
         assert_eq!(money(-1250), "-12.50");
