@@ -24,6 +24,178 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay: publish the outbox of one service database until stopped (SIGTERM/Ctrl-C).
     Run(RunArgs),
+    /// Show the outbox: backlog, oldest unpublished age, dead rows by event type, relays and their lanes.
+    Status(StatusArgs),
+    /// Make dead or stuck outbox rows due again (they are published at once), and record who did it.
+    ///
+    /// Select rows by id, aggregate, event type and time; every given filter must match. Without
+    /// any filter, --all is required. Use --dry-run first to see what would be replayed.
+    Replay(ReplayArgs),
+    /// List recorded replays and dead-letter requeues (who, when, what, why).
+    Replays(ReplaysArgs),
+    /// Inspect and requeue the broker's dead-letter queues.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// Where the outbox is.
+#[derive(Debug, Clone, Args)]
+pub struct DbTarget {
+    /// The service database.
+    #[arg(long, env = "DATABASE_URL", value_parser = orderflow_telemetry::args::pg_url)]
+    pub database_url: String,
+}
+
+/// Options of `status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The service database.
+    #[command(flatten)]
+    pub db: DbTarget,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which rows `replay` considers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScopeArg {
+    /// Rows marked dead after too many failed publishes.
+    Dead,
+    /// Unpublished rows backing off after failed publishes.
+    Stuck,
+    /// Dead and stuck rows.
+    DeadOrStuck,
+    /// Rows already published, to send again (consumers drop duplicates they still remember).
+    Published,
+}
+
+/// Options of `replay`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// The service database.
+    #[command(flatten)]
+    pub db: DbTarget,
+    /// Which rows.
+    #[arg(long, value_enum, default_value = "dead-or-stuck")]
+    pub scope: ScopeArg,
+    /// Only these row ids (repeat or comma-separate).
+    #[arg(long = "id", value_delimiter = ',')]
+    pub ids: Vec<i64>,
+    /// Only this aggregate (order id).
+    #[arg(long)]
+    pub aggregate: Option<String>,
+    /// Only this event type, e.g. order.confirmed.
+    #[arg(long)]
+    pub event_type: Option<String>,
+    /// Only rows written at or after this time (RFC 3339, e.g. 2026-11-21T10:00:00Z).
+    #[arg(long)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only rows written before this time (RFC 3339).
+    #[arg(long)]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Replay every row of the scope (required when no filter is given).
+    #[arg(long)]
+    pub all: bool,
+    /// Show what would be replayed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Who replays (recorded).
+    #[arg(long, env = "USER", default_value = "unknown")]
+    pub operator: String,
+    /// Why (recorded).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+/// Options of `replays`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplaysArgs {
+    /// The service database.
+    #[command(flatten)]
+    pub db: DbTarget,
+    /// How many, newest first.
+    #[arg(long, default_value_t = 20)]
+    pub limit: i64,
+}
+
+/// The broker side of `dlq`.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerTarget {
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "ORDERFLOW_PREFIX", default_value = "orderflow")]
+    pub topology_prefix: String,
+}
+
+/// `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Count the messages in each consumer's dead-letter queue.
+    List(DlqListArgs),
+    /// Show dead letters of one consumer with why they failed (they stay in the queue).
+    Show(DlqShowArgs),
+    /// Send dead letters back to their consumer's queue (with fresh retries), and record it.
+    Requeue(DlqRequeueArgs),
+}
+
+/// Options of `dlq list`.
+#[derive(Debug, Clone, Args)]
+pub struct DlqListArgs {
+    /// Broker and prefix.
+    #[command(flatten)]
+    pub broker: BrokerTarget,
+    /// Consumers to look at (default: every orderflow consumer).
+    #[arg(long = "consumer", value_delimiter = ',', default_value = "orders,inventory,payment,shipping,notification")]
+    pub consumers: Vec<String>,
+}
+
+/// Options of `dlq show`.
+#[derive(Debug, Clone, Args)]
+pub struct DlqShowArgs {
+    /// Broker and prefix.
+    #[command(flatten)]
+    pub broker: BrokerTarget,
+    /// The consumer whose dead letters to show, e.g. inventory.
+    #[arg(long)]
+    pub consumer: String,
+    /// At most this many, oldest first.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+}
+
+/// Options of `dlq requeue`.
+#[derive(Debug, Clone, Args)]
+pub struct DlqRequeueArgs {
+    /// Broker and prefix.
+    #[command(flatten)]
+    pub broker: BrokerTarget,
+    /// The database where the requeue is recorded (the consumer's service database).
+    #[command(flatten)]
+    pub db: DbTarget,
+    /// The consumer whose dead letters to requeue.
+    #[arg(long)]
+    pub consumer: String,
+    /// Only these message ids (repeat or comma-separate).
+    #[arg(long = "message-id", value_delimiter = ',')]
+    pub message_ids: Vec<String>,
+    /// Requeue every dead letter of the consumer (required without --message-id).
+    #[arg(long)]
+    pub all: bool,
+    /// At most this many messages are looked at.
+    #[arg(long, default_value_t = 10_000)]
+    pub limit: usize,
+    /// Show what would be requeued; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Who requeues (recorded).
+    #[arg(long, env = "USER", default_value = "unknown")]
+    pub operator: String,
+    /// Why (recorded).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 /// Where the outbox and the broker are.
@@ -70,6 +242,15 @@ pub struct RunArgs {
     /// Longest wait between reconnect attempts while the broker or the database is down.
     #[arg(long, env = "RELAY_RECONNECT_MAX", default_value = "30s", value_parser = orderflow_telemetry::args::duration)]
     pub reconnect_max: Duration,
+    /// Keep published rows this long; 0 deletes them as soon as they are published.
+    #[arg(long, env = "RELAY_PUBLISHED_RETENTION", default_value = "1h", value_parser = orderflow_telemetry::args::duration)]
+    pub published_retention: Duration,
+    /// Keep inbox rows this long: the window within which a duplicate delivery is still recognized.
+    #[arg(long, env = "RELAY_INBOX_RETENTION", default_value = "7days", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub inbox_retention: Duration,
+    /// How often retention runs.
+    #[arg(long, env = "RELAY_RETENTION_INTERVAL", default_value = "30s", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub retention_interval: Duration,
     /// Address of the relay's /metrics and /health (port 0: any free port; "off" to disable).
     #[arg(long, env = "RELAY_METRICS_ADDR", default_value = "127.0.0.1:9100", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
@@ -89,7 +270,9 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = orderflow_telemetry::init(&cli.log) {
+    // The relay's logs and the operator commands' diagnostics go to stderr:
+    // stdout is what `status`, `replay` and `dlq` print for people and scripts.
+    if let Err(e) = orderflow_telemetry::init(&cli.log, orderflow_telemetry::LogTo::Stderr) {
         eprintln!("outbox-relay: {e}");
         return ExitCode::from(2);
     }
@@ -103,6 +286,12 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => crate::run::run(args).await,
+            Command::Status(args) => crate::ops::status(args).await,
+            Command::Replay(args) => crate::ops::replay(args).await,
+            Command::Replays(args) => crate::ops::replays(args).await,
+            Command::Dlq(DlqCommand::List(args)) => crate::dlq::list(args).await,
+            Command::Dlq(DlqCommand::Show(args)) => crate::dlq::show(args).await,
+            Command::Dlq(DlqCommand::Requeue(args)) => crate::dlq::requeue(args).await,
         }
     });
     match result {
@@ -125,8 +314,9 @@ mod tests {
     fn run_parses_with_defaults() {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["outbox-relay", "run", "--database-url", "postgres://x@h/db"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else { panic!("run") };
         assert_eq!(args.batch_size, 500);
+        assert_eq!(args.inbox_retention, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(args.poll_interval, Duration::from_secs(1));
         assert!(args.metrics_addr.0.is_some());
         let off = Cli::try_parse_from([
@@ -138,7 +328,7 @@ mod tests {
             "off",
         ])
         .unwrap();
-        let Command::Run(args) = off.command;
+        let Command::Run(args) = off.command else { panic!("run") };
         assert!(args.metrics_addr.0.is_none());
     }
 

@@ -3,6 +3,8 @@
 //! operator commands that inspect and repair it.
 
 pub mod cli;
+mod dlq;
+mod ops;
 mod run;
 
 pub use cli::main;

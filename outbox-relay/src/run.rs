@@ -55,6 +55,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     cfg.retry_max = args.retry_max;
     cfg.confirm_timeout = args.confirm_timeout;
     cfg.reconnect_max = args.reconnect_max;
+    cfg.retention = orderflow_outbox::relay::retention::Retention {
+        published: args.published_retention,
+        inbox: args.inbox_retention,
+        interval: args.retention_interval,
+        ..Default::default()
+    };
 
     orderflow_telemetry::metrics();
     let server = match args.metrics_addr.0 {

@@ -29,7 +29,7 @@ pub fn main() -> std::process::ExitCode {
     use std::process::ExitCode;
 
     let cfg = Config::parse();
-    if let Err(e) = orderflow_telemetry::init(&cfg.log) {
+    if let Err(e) = orderflow_telemetry::init(&cfg.log, orderflow_telemetry::LogTo::Stdout) {
         eprintln!("processor-service: {e}");
         return ExitCode::from(2);
     }

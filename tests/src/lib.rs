@@ -504,7 +504,10 @@ fn spawn(program: &str, args: &[String], env: &[(String, String)]) -> Running {
     let child = Command::new(program)
         .args(args)
         .envs(env.iter().cloned())
-        .env("RUST_LOG", std::env::var("TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_CHILD_LOG").unwrap_or_else(|_| "warn,lapin::returned_messages=error".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

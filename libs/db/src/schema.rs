@@ -31,3 +31,16 @@ diesel::table! {
         received_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    outbox_replays (id) {
+        id -> Int8,
+        replayed_at -> Timestamptz,
+        operator -> Text,
+        reason -> Nullable<Text>,
+        kind -> Text,
+        selector -> Jsonb,
+        items -> Jsonb,
+        item_count -> Int4,
+    }
+}

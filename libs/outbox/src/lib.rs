@@ -7,6 +7,7 @@
 //!   the lanes it leases, publishes them with publisher confirms and marks
 //!   them published.
 
+pub mod admin;
 mod failpoint;
 pub mod relay;
 mod row;

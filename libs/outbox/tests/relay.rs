@@ -179,3 +179,85 @@ async fn a_refused_message_backs_off_then_dies_and_holds_only_its_aggregate() {
     shutdown.cancel();
     relay.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_only_what_it_should() {
+    use orderflow_outbox::relay::retention::{Retention, Swept, sweep};
+    let db = TestDb::new(None).await;
+    let (a, b, c, d) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    write(&db.pool, vec![declined(a, 1), declined(b, 1), declined(c, 1), declined(d, 1)]).await;
+    let mut conn = db.pool.get().await.unwrap();
+    for sql in [
+        // a: published two hours ago -> goes; b: published a minute ago -> stays
+        format!("UPDATE outbox SET published_at = now() - interval '2 hours' WHERE aggregate_id = '{a}'"),
+        format!("UPDATE outbox SET published_at = now() - interval '1 minute' WHERE aggregate_id = '{b}'"),
+        // c: dead for two hours -> stays (parked until replayed); d: unpublished -> stays
+        format!(
+            "UPDATE outbox SET dead_at = now() - interval '2 hours', created_at = now() - interval '3 hours' WHERE aggregate_id = '{c}'"
+        ),
+        format!("UPDATE outbox SET created_at = now() - interval '3 hours' WHERE aggregate_id = '{d}'"),
+    ] {
+        diesel::sql_query(sql).execute(&mut conn).await.unwrap();
+    }
+    // Inbox: 2 rows past the 7-day horizon, 1 inside it.
+    for (i, age) in ["8 days", "30 days", "6 days"].iter().enumerate() {
+        diesel::sql_query(format!(
+            "INSERT INTO inbox (consumer, message_id, event_type, received_at) \
+             VALUES ('c{i}', '{}', 'x', now() - interval '{age}')",
+            Uuid::now_v7()
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    // A batch of 1 forces several statements.
+    let retention = Retention { published: Duration::from_secs(3600), batch: 1, ..Retention::default() };
+    let swept = sweep(&mut conn, &retention).await.unwrap();
+    assert_eq!(swept, Swept { outbox: 1, inbox: 2 });
+    let left: Vec<String> = {
+        #[derive(QueryableByName)]
+        struct A {
+            #[diesel(sql_type = Text)]
+            aggregate_id: String,
+        }
+        diesel::sql_query("SELECT aggregate_id FROM outbox ORDER BY id")
+            .load::<A>(&mut conn)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.aggregate_id)
+            .collect()
+    };
+    assert_eq!(left, [b.to_string(), c.to_string(), d.to_string()]);
+    assert_eq!(count(&db.pool, "SELECT count(*) AS n FROM inbox").await, 1);
+    assert_eq!(sweep(&mut conn, &retention).await.unwrap(), Swept::default(), "nothing more to do");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_retention_deletes_rows_as_they_are_published() {
+    let db = TestDb::new(None).await;
+    let broker = TestBroker::new().await;
+    let spec = probe(&["#"]);
+    broker.track(&spec);
+    let (_conn, channel) = broker.channel().await;
+    broker.topology.declare_consumer(&channel, &spec).await.unwrap();
+    write(&db.pool, (1..=5).map(|v| declined(Uuid::now_v7(), v)).collect()).await;
+    let mut cfg = fast(&db, &broker);
+    cfg.retention.published = Duration::ZERO;
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(relay::run(cfg, shutdown.clone()));
+    eventually("the outbox is empty", DEADLINE, || async {
+        count(&db.pool, "SELECT count(*) AS n FROM outbox").await == 0
+    })
+    .await;
+    let got = std::cell::RefCell::new(Vec::new());
+    let queue = broker.topology.queue("probe");
+    eventually("5 messages delivered", DEADLINE, || async {
+        let new = drain(&channel, &queue).await;
+        got.borrow_mut().extend(new);
+        got.borrow().len() == 5
+    })
+    .await;
+    shutdown.cancel();
+    relay.await.unwrap();
+}

@@ -22,7 +22,9 @@ pub struct LogArgs {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `info,orderflow_outbox=debug`.
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    /// lapin's returned-message warnings (whole bodies) are muted by default:
+    /// the relay logs each refused message itself.
+    #[arg(long, env = "RUST_LOG", default_value = "info,lapin::returned_messages=error")]
     pub log_filter: String,
 }
 
@@ -39,11 +41,24 @@ pub enum TelemetryError {
     },
 }
 
+/// Where logs go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTo {
+    /// Standard output (services: the platform collects it).
+    Stdout,
+    /// Standard error (command-line tools, whose stdout is their output).
+    Stderr,
+}
+
 /// Installs the global tracing subscriber. Call once, at start-up.
-pub fn init(args: &LogArgs) -> Result<(), TelemetryError> {
+pub fn init(args: &LogArgs, to: LogTo) -> Result<(), TelemetryError> {
     let filter = EnvFilter::try_new(&args.log_filter)
         .map_err(|e| TelemetryError::Filter { filter: args.log_filter.clone(), reason: e.to_string() })?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let writer = match to {
+        LogTo::Stdout => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stdout),
+        LogTo::Stderr => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true).with_writer(writer);
     let result = match args.log_format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
         LogFormat::Pretty => builder.try_init(),

@@ -10,6 +10,7 @@
 
 mod lanes;
 mod publisher;
+pub mod retention;
 mod store;
 
 use std::time::{Duration, Instant};
@@ -54,6 +55,8 @@ pub struct RelayConfig {
     pub confirm_timeout: Duration,
     /// Cap of the reconnect backoff (the circuit breaker's open time).
     pub reconnect_max: Duration,
+    /// What to delete and when.
+    pub retention: retention::Retention,
 }
 
 impl RelayConfig {
@@ -72,6 +75,7 @@ impl RelayConfig {
             retry_max: Duration::from_secs(300),
             confirm_timeout: Duration::from_secs(30),
             reconnect_max: Duration::from_secs(30),
+            retention: retention::Retention::default(),
         }
     }
 }
@@ -100,6 +104,7 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) {
     let mut db_backoff = Backoff::new(cfg.reconnect_max);
     let mut broker_backoff = Backoff::new(cfg.reconnect_max);
     info!(relay = %cfg.relay_id, exchange = %cfg.topology.events_exchange(), "relay starting");
+    let sweeper = tokio::spawn(retention::run(cfg.database_url.clone(), cfg.retention, shutdown.child_token()));
 
     while !shutdown.is_cancelled() {
         let session = match db.as_mut() {
@@ -160,6 +165,7 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) {
             }
         }
     }
+    let _ = sweeper.await;
     info!(relay = %cfg.relay_id, "relay stopped");
 }
 

@@ -45,10 +45,13 @@ pub(crate) async fn mark(
     let published: Vec<i64> =
         rows.iter().zip(outcomes).filter(|(_, o)| **o == Outcome::Published).map(|(r, _)| r.id).collect();
     if !published.is_empty() {
-        diesel::sql_query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
-            .bind::<Array<BigInt>, _>(&published)
-            .execute(conn)
-            .await?;
+        // Zero retention: nothing to keep, one write instead of two.
+        let sql = if cfg.retention.published.is_zero() {
+            "DELETE FROM outbox WHERE id = ANY($1)"
+        } else {
+            "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)"
+        };
+        diesel::sql_query(sql).bind::<Array<BigInt>, _>(&published).execute(conn).await?;
     }
     for (row, outcome) in rows.iter().zip(outcomes) {
         let (error, max_attempts) = match outcome {

@@ -1,0 +1,114 @@
+//! Retention: published outbox rows are deleted after `published_retention`
+//! (zero: at once, by the relay when it marks them), inbox rows after the
+//! dedupe horizon. Deletes run in small batches, each its own short
+//! statement, so they never hold locks writers wait for: writers only insert
+//! new rows, and a batch skips rows someone else has locked.
+
+use std::time::Duration;
+
+use diesel::sql_types::{BigInt, Double};
+use diesel_async::RunQueryDsl;
+use orderflow_db::Conn;
+use tokio_util::sync::CancellationToken;
+
+/// Retention settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Keep published outbox rows this long (zero: delete when published).
+    pub published: Duration,
+    /// Keep inbox rows this long: a duplicate arriving later than this is
+    /// no longer recognized.
+    pub inbox: Duration,
+    /// How often to sweep.
+    pub interval: Duration,
+    /// Rows per delete statement.
+    pub batch: i64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            published: Duration::from_secs(3600),
+            inbox: Duration::from_secs(7 * 24 * 3600),
+            interval: Duration::from_secs(30),
+            batch: 1000,
+        }
+    }
+}
+
+/// Rows removed by one sweep.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Published outbox rows.
+    pub outbox: u64,
+    /// Inbox rows.
+    pub inbox: u64,
+}
+
+/// Deletes what retention allows, batch by batch.
+pub async fn sweep(conn: &mut Conn, retention: &Retention) -> diesel::QueryResult<Swept> {
+    let mut swept = Swept::default();
+    loop {
+        let n = diesel::sql_query(
+            "DELETE FROM outbox WHERE id IN ( \
+                 SELECT id FROM outbox \
+                 WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1) \
+                 ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind::<Double, _>(retention.published.as_secs_f64())
+        .bind::<BigInt, _>(retention.batch)
+        .execute(conn)
+        .await?;
+        swept.outbox += n as u64;
+        if (n as i64) < retention.batch {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    loop {
+        let n = diesel::sql_query(
+            "DELETE FROM inbox WHERE ctid IN ( \
+                 SELECT ctid FROM inbox WHERE received_at < now() - make_interval(secs => $1) \
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind::<Double, _>(retention.inbox.as_secs_f64())
+        .bind::<BigInt, _>(retention.batch)
+        .execute(conn)
+        .await?;
+        swept.inbox += n as u64;
+        if (n as i64) < retention.batch {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    Ok(swept)
+}
+
+/// Sweeps every `retention.interval` until `shutdown`, on its own
+/// connection so the relay's claims never wait for it.
+pub(crate) async fn run(database_url: String, retention: Retention, shutdown: CancellationToken) {
+    let mut conn: Option<Conn> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(retention.interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if conn.is_none() {
+            conn = <Conn as diesel_async::AsyncConnection>::establish(&database_url).await.ok();
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        match sweep(c, &retention).await {
+            Ok(s) => {
+                if s != Swept::default() {
+                    tracing::info!(outbox = s.outbox, inbox = s.inbox, "retention removed rows");
+                }
+                metrics::counter!("outbox_retention_deleted_total", "table" => "outbox").increment(s.outbox);
+                metrics::counter!("outbox_retention_deleted_total", "table" => "inbox").increment(s.inbox);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "retention sweep failed");
+                conn = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Helpers for tests that drive the real `outbox-relay` binary.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use diesel::QueryableByName;
+use diesel::sql_types::BigInt;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use orderflow_broker::QueueSpec;
+use orderflow_broker::lapin::Channel;
+use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions};
+use orderflow_db::{Conn, Pool};
+use orderflow_envelope::events::PaymentDeclined;
+use orderflow_envelope::{Envelope, Metadata};
+use orderflow_testkit::{TestBroker, TestDb};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// `outbox-relay <args>` as a child process, killed when dropped.
+pub fn spawn_relay(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_CHILD_LOG").unwrap_or_else(|_| "warn,lapin::returned_messages=error".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn outbox-relay")
+}
+
+/// `outbox-relay run` on `db` with fast test settings and `extra` flags.
+pub fn run_relay(db: &TestDb, amqp_url: &str, prefix: &str, id: &str, extra: &[&str]) -> Child {
+    let mut args = vec![
+        "run",
+        "--database-url",
+        &db.url,
+        "--amqp-url",
+        amqp_url,
+        "--topology-prefix",
+        prefix,
+        "--relay-id",
+        id,
+        "--poll-interval",
+        "200ms",
+        "--retry-base",
+        "50ms",
+        "--retry-max",
+        "200ms",
+        "--reconnect-max",
+        "1s",
+        "--metrics-addr",
+        "off",
+    ];
+    args.extend_from_slice(extra);
+    spawn_relay(&args)
+}
+
+/// Runs an operator command to completion; returns (success, stdout, stderr).
+pub async fn command(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("run outbox-relay");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub async fn write(pool: &Pool, events: Vec<Envelope>) {
+    let mut conn = pool.get().await.unwrap();
+    let conn: &mut Conn = &mut conn;
+    conn.transaction::<_, diesel::result::Error, _>(async |tx| orderflow_outbox::append(tx, &events).await)
+        .await
+        .unwrap();
+}
+
+pub fn declined(order: Uuid, version: i64) -> Envelope {
+    Envelope::new(&PaymentDeclined { order_id: order, reason: format!("v{version}") }, version, &Metadata::default())
+        .unwrap()
+}
+
+#[derive(QueryableByName)]
+struct N {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+pub async fn count(pool: &Pool, sql: &str) -> i64 {
+    let mut conn = pool.get().await.unwrap();
+    diesel::sql_query(sql).get_result::<N>(&mut conn).await.unwrap().n
+}
+
+/// A queue bound to `bindings` on the test topology, named `consumer`.
+pub async fn probe(broker: &TestBroker, channel: &Channel, consumer: &str, bindings: &[&str]) -> String {
+    let spec = QueueSpec {
+        consumer: consumer.into(),
+        bindings: bindings.iter().map(|s| s.to_string()).collect(),
+        retry_delays: vec![],
+        delivery_limit: 5,
+    };
+    broker.track(&spec);
+    broker.topology.declare_consumer(channel, &spec).await.unwrap();
+    broker.topology.queue(consumer)
+}
+
+/// Takes every message now in `queue`.
+pub async fn drain(channel: &Channel, queue: &str) -> Vec<Envelope> {
+    let mut out = Vec::new();
+    while let Some(msg) = channel.basic_get(queue.into(), BasicGetOptions::default()).await.unwrap() {
+        out.push(Envelope::from_slice(&msg.delivery.data).unwrap());
+        msg.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    out
+}
+
+/// CPU time (user + system) a process has used, from /proc (Linux).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // Clock ticks are 100 per second on Linux.
+    ticks / 100.0
+}
