@@ -224,6 +224,9 @@ pub struct RunArgs {
     /// Rows claimed and published per transaction.
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
     pub batch_size: i64,
+    /// Claim transactions in flight at once, each on its own database connection.
+    #[arg(long, env = "RELAY_PIPELINE", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub pipeline: u16,
     /// Claim this often even without a NOTIFY (e.g. 1s, 250ms).
     #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = orderflow_telemetry::args::duration)]
     pub poll_interval: Duration,
@@ -242,8 +245,9 @@ pub struct RunArgs {
     /// Longest wait between reconnect attempts while the broker or the database is down.
     #[arg(long, env = "RELAY_RECONNECT_MAX", default_value = "30s", value_parser = orderflow_telemetry::args::duration)]
     pub reconnect_max: Duration,
-    /// Keep published rows this long; 0 deletes them as soon as they are published.
-    #[arg(long, env = "RELAY_PUBLISHED_RETENTION", default_value = "1h", value_parser = orderflow_telemetry::args::duration)]
+    /// Keep published rows this long (e.g. 1h, for audits or `replay --scope published`);
+    /// 0 deletes them as soon as they are published, which is the fastest.
+    #[arg(long, env = "RELAY_PUBLISHED_RETENTION", default_value = "0s", value_parser = orderflow_telemetry::args::duration)]
     pub published_retention: Duration,
     /// Keep inbox rows this long: the window within which a duplicate delivery is still recognized.
     #[arg(long, env = "RELAY_INBOX_RETENTION", default_value = "7days", value_parser = orderflow_telemetry::args::positive_duration)]
@@ -276,7 +280,7 @@ pub fn main() -> ExitCode {
         eprintln!("outbox-relay: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outbox-relay: cannot start the runtime: {e}");

@@ -49,6 +49,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cfg.relay_id = id;
     }
     cfg.batch_size = args.batch_size;
+    cfg.pipeline = usize::from(args.pipeline);
     cfg.poll_interval = args.poll_interval;
     cfg.max_attempts = args.max_attempts;
     cfg.retry_base = args.retry_base;

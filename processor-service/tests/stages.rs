@@ -13,7 +13,7 @@ use orderflow_broker::{QueueSpec, properties_for};
 use orderflow_envelope::events::{LineItem, OrderCreated};
 use orderflow_envelope::{Envelope, Metadata};
 use orderflow_testkit::{TestBroker, TestDb, eventually};
-use processor_service::{Config, inventory, payment, shipping};
+use processor_service::{Config, inventory, notification, payment, shipping};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 

@@ -127,22 +127,35 @@ impl Topology {
     }
 
     /// Deletes the exchange and the queues of `specs` (tests and teardown).
-    pub async fn delete(&self, channel: &Channel, specs: &[QueueSpec]) -> Result<(), BrokerError> {
+    /// Keeps going past a failure (a missing queue closes the channel, so
+    /// each delete gets a fresh one) and reports the first.
+    pub async fn delete(&self, connection: &lapin::Connection, specs: &[QueueSpec]) -> Result<(), BrokerError> {
+        let mut names = Vec::new();
         for spec in specs {
-            let mut names = vec![self.queue(&spec.consumer), self.dead_letter_queue(&spec.consumer)];
+            names.push(self.queue(&spec.consumer));
+            names.push(self.dead_letter_queue(&spec.consumer));
             names.extend((0..spec.retry_delays.len()).map(|t| self.retry_queue(&spec.consumer, t)));
-            for name in names {
-                channel
-                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                    .await
-                    .map_err(BrokerError::op(format!("delete queue {name}")))?;
+        }
+        let mut first_error = None;
+        for name in names {
+            let deleted = async {
+                let channel = connection.create_channel().await?;
+                channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;
+                channel.close(200, "deleted".into()).await
+            };
+            if let Err(e) = deleted.await {
+                first_error.get_or_insert(BrokerError::Operation { op: format!("delete queue {name}"), source: e });
             }
         }
         let name = self.events_exchange();
-        channel
-            .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .map_err(BrokerError::op(format!("delete exchange {name}")))
+        let deleted = async {
+            let channel = connection.create_channel().await?;
+            channel.exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default()).await
+        };
+        if let Err(e) = deleted.await {
+            first_error.get_or_insert(BrokerError::Operation { op: format!("delete exchange {name}"), source: e });
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 

@@ -48,10 +48,9 @@ impl Drop for TestBroker {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
                 let conn = orderflow_broker::connect(&url, "test-cleanup").await.map_err(std::io::Error::other)?;
-                let channel = conn.create_channel().await.map_err(std::io::Error::other)?;
-                topology.delete(&channel, &specs).await.map_err(std::io::Error::other)?;
+                let result = topology.delete(&conn, &specs).await;
                 let _ = conn.close(200, "bye".into()).await;
-                Ok::<_, std::io::Error>(())
+                result.map_err(std::io::Error::other)
             })
         });
         if let Ok(Err(e)) = cleaner.join() {

@@ -8,6 +8,12 @@
 //! session. Each relay aims at a fair share, `ceil(LANE_COUNT / relays)`,
 //! giving lanes back above it and taking free lanes below it, so relays
 //! joining or leaving rebalance within one lease interval.
+//!
+//! Lanes spread the work; they are not what keeps an aggregate in order.
+//! The claim only takes the head of each aggregate's queue (see
+//! `store::claim`), so even a claim transaction of a dead relay that is
+//! still open for a moment cannot be overtaken: its rows are skipped as
+//! locked, and the events behind them are not heads until they are gone.
 
 use std::collections::BTreeSet;
 

@@ -1,10 +1,9 @@
-use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::future::join_all;
-use orderflow_broker::lapin::Confirmation;
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use orderflow_broker::lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use orderflow_broker::lapin::{Channel, Connection};
+use orderflow_broker::lapin::{Channel, Confirmation, Connection};
 use orderflow_broker::properties_for;
 
 use super::{RelayConfig, RelayError};
@@ -19,10 +18,10 @@ pub(crate) enum Outcome {
     Failed(String),
     /// The row cannot become a message at all: dead at once.
     Invalid(String),
-    /// Not sent because an earlier event of its aggregate failed in this
-    /// batch: left as it is, to go after that one.
-    Held,
 }
+
+/// The broker's answer for row `usize` of a batch.
+pub(crate) type Confirm = BoxFuture<'static, (usize, Result<Outcome, String>)>;
 
 /// A confirm-mode channel on its own connection.
 pub(crate) struct Publisher {
@@ -30,90 +29,59 @@ pub(crate) struct Publisher {
     _connection: Connection,
     channel: Channel,
     exchange: String,
+    pub(crate) confirm_timeout: Duration,
 }
 
 impl Publisher {
     pub(crate) async fn open(cfg: &RelayConfig) -> Result<Self, RelayError> {
+        let broker = |e: &dyn std::fmt::Display| RelayError::Broker(e.to_string());
         let connection = orderflow_broker::connect(&cfg.amqp_url, &format!("outbox-relay:{}", cfg.relay_id))
             .await
-            .map_err(|e| RelayError::Broker(e.to_string()))?;
-        let channel = connection.create_channel().await.map_err(|e| RelayError::Broker(e.to_string()))?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| RelayError::Broker(e.to_string()))?;
-        cfg.topology.declare_exchange(&channel).await.map_err(|e| RelayError::Broker(e.to_string()))?;
-        Ok(Self { _connection: connection, channel, exchange: cfg.topology.events_exchange() })
+            .map_err(|e| broker(&e))?;
+        let channel = connection.create_channel().await.map_err(|e| broker(&e))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| broker(&e))?;
+        cfg.topology.declare_exchange(&channel).await.map_err(|e| broker(&e))?;
+        Ok(Self {
+            _connection: connection,
+            channel,
+            exchange: cfg.topology.events_exchange(),
+            confirm_timeout: cfg.confirm_timeout,
+        })
     }
 
-    /// Publishes `rows` (in id order) and returns one outcome per row.
-    ///
-    /// Rows go out in waves: wave k holds the k-th row of each aggregate in
-    /// the batch. Within a wave every publish is pipelined and the confirms
-    /// are awaited together; the next wave starts only when the previous one
-    /// is confirmed. So a later event of an aggregate is never sent before
-    /// the earlier one is confirmed, and if the earlier one fails the later
-    /// ones are held back: per-aggregate order survives nacks and returns.
-    /// With distinct aggregates (the common case) a batch is a single wave.
-    pub(crate) async fn publish(&mut self, rows: &[PendingRow], timeout: Duration) -> Result<Vec<Outcome>, RelayError> {
-        let mut outcomes = vec![Outcome::Held; rows.len()];
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        let waves: Vec<usize> = rows
-            .iter()
-            .map(|r| {
-                let k = seen.entry(r.aggregate_id.as_str()).or_insert(0);
-                *k += 1;
-                *k - 1
-            })
-            .collect();
-        let wave_count = waves.iter().copied().max().map_or(0, |m| m + 1);
-        let mut failed: HashSet<&str> = HashSet::new();
-
-        for wave in 0..wave_count {
-            let mut pending = Vec::new();
-            for (i, row) in rows.iter().enumerate() {
-                if waves[i] != wave || failed.contains(row.aggregate_id.as_str()) {
-                    continue;
-                }
-                let env = match row.envelope() {
-                    Ok(env) => env,
-                    Err(reason) => {
-                        outcomes[i] = Outcome::Invalid(reason);
-                        failed.insert(&row.aggregate_id);
-                        continue;
-                    }
-                };
-                let confirm = self
-                    .channel
-                    .basic_publish(
-                        self.exchange.as_str().into(),
-                        env.event_type.as_str().into(),
-                        BasicPublishOptions { mandatory: true, ..Default::default() },
-                        &env.to_vec(),
-                        properties_for(&env),
-                    )
-                    .await
-                    .map_err(|e| RelayError::Broker(format!("publish: {e}")))?;
-                pending.push((i, confirm));
-            }
-            let started = Instant::now();
-            let (indices, confirms): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
-            let results = tokio::time::timeout(timeout, join_all(confirms))
-                .await
-                .map_err(|_| RelayError::Broker(format!("no publisher confirm within {timeout:?}")))?;
-            metrics::histogram!("outbox_confirm_latency_seconds").record(started.elapsed().as_secs_f64());
-            for (i, result) in indices.into_iter().zip(results) {
-                let confirmation = result.map_err(|e| RelayError::Broker(format!("confirm: {e}")))?;
-                outcomes[i] = match confirmation {
+    /// Sends row `index` (persistent, `mandatory`) without waiting for the
+    /// broker: the returned future resolves with its outcome, so many sends
+    /// are in flight at once. `Err` is an outcome known without the broker
+    /// (a row that cannot be an envelope); a failed send is a broker failure.
+    pub(crate) async fn send(&self, index: usize, row: &PendingRow) -> Result<Result<Confirm, Outcome>, RelayError> {
+        let env = match row.envelope() {
+            Ok(env) => env,
+            Err(reason) => return Ok(Err(Outcome::Invalid(reason))),
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                env.event_type.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &env.to_vec(),
+                properties_for(&env),
+            )
+            .await
+            .map_err(|e| RelayError::Broker(format!("publish: {e}")))?;
+        let event_type = row.event_type.clone();
+        Ok(Ok(confirm
+            .map(move |result| {
+                let outcome = result.map_err(|e| format!("confirm: {e}")).map(|c| match c {
                     Confirmation::Ack(None) | Confirmation::NotRequested => Outcome::Published,
                     Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => Outcome::Failed(format!(
-                        "returned by broker: {} {} (no queue bound for routing key {:?}?)",
-                        ret.reply_code, ret.reply_text, rows[i].event_type
+                        "returned by broker: {} {} (no queue bound for routing key {event_type:?}?)",
+                        ret.reply_code, ret.reply_text
                     )),
                     Confirmation::Nack(None) => Outcome::Failed("nacked by broker".into()),
-                };
-                if outcomes[i] != Outcome::Published {
-                    failed.insert(&rows[i].aggregate_id);
-                }
-            }
-        }
-        Ok(outcomes)
+                });
+                (index, outcome)
+            })
+            .boxed()))
     }
 }

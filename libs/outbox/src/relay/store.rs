@@ -8,10 +8,12 @@ use crate::PendingRow;
 
 /// Claims up to `limit` due rows of `lanes`, in id order, locking them.
 ///
-/// A row waits while an earlier event of its aggregate is still unpublished
-/// and not due (backing off) or dead: only that aggregate stops, the rest of
-/// the lane flows. Rows locked by someone else (an operator's replay) are
-/// skipped, never waited for.
+/// Only the head of each aggregate's queue is claimable: a row waits while
+/// an earlier event of its aggregate is unpublished (in flight in another
+/// batch, backing off, or dead). So a batch never holds two events of one
+/// aggregate, two batches in flight at once cannot reorder an aggregate, and
+/// a stuck aggregate stops only itself. Rows locked by someone else (another
+/// batch, an operator's replay) are skipped, never waited for.
 pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel::QueryResult<Vec<PendingRow>> {
     diesel::sql_query(
         "SELECT o.id, o.message_id, o.event_type, o.schema_version, o.aggregate_type, \
@@ -22,9 +24,7 @@ pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel:
            AND o.lane = ANY($1) AND o.next_attempt_at <= now() \
            AND NOT EXISTS ( \
                SELECT 1 FROM outbox e \
-               WHERE e.aggregate_id = o.aggregate_id AND e.id < o.id \
-                 AND e.published_at IS NULL \
-                 AND (e.dead_at IS NOT NULL OR e.next_attempt_at > now())) \
+               WHERE e.aggregate_id = o.aggregate_id AND e.id < o.id AND e.published_at IS NULL) \
          ORDER BY o.id \
          LIMIT $2 \
          FOR UPDATE OF o SKIP LOCKED",
@@ -58,7 +58,7 @@ pub(crate) async fn mark(
             Outcome::Failed(e) => (e, cfg.max_attempts),
             // Retrying cannot fix the row: dead on this attempt.
             Outcome::Invalid(e) => (e, 0),
-            Outcome::Published | Outcome::Held => continue,
+            Outcome::Published => continue,
         };
         let delay = backoff(row.attempts, cfg);
         let dead = row.attempts + 1 >= max_attempts;
