@@ -230,6 +230,9 @@ pub struct RunArgs {
     /// Claim this often even without a NOTIFY (e.g. 1s, 250ms).
     #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = orderflow_telemetry::args::duration)]
     pub poll_interval: Duration,
+    /// How often lane leases are rebalanced (how fast a dead relay's lanes move).
+    #[arg(long, env = "RELAY_LEASE_INTERVAL", default_value = "1s", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub lease_interval: Duration,
     /// Failed publishes of a row before it is marked dead.
     #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=1000))]
     pub max_attempts: i32,

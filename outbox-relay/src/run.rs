@@ -51,6 +51,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     cfg.batch_size = args.batch_size;
     cfg.pipeline = usize::from(args.pipeline);
     cfg.poll_interval = args.poll_interval;
+    cfg.lease_interval = args.lease_interval;
     cfg.max_attempts = args.max_attempts;
     cfg.retry_base = args.retry_base;
     cfg.retry_max = args.retry_max;

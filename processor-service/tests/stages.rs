@@ -57,6 +57,7 @@ async fn the_same_message_delivered_twice_changes_stock_once() {
         (inventory::CONSUMER, inventory::BINDINGS),
         (payment::CONSUMER, payment::BINDINGS),
         (shipping::CONSUMER, shipping::BINDINGS),
+        (notification::CONSUMER, notification::BINDINGS),
     ] {
         broker.track(&QueueSpec {
             consumer: consumer.into(),

@@ -67,6 +67,8 @@ pub struct Options {
     pub consumer_concurrency: u16,
     /// More processor-service flags (stages, webhook, ...).
     pub processor_extra: Vec<String>,
+    /// Relays keep published outbox rows (for tests that read them back).
+    pub keep_published: bool,
 }
 
 impl Default for Options {
@@ -83,6 +85,7 @@ impl Default for Options {
             relay_env: vec![],
             consumer_concurrency: 8,
             processor_extra: vec![],
+            keep_published: false,
         }
     }
 }
@@ -154,19 +157,36 @@ impl RelayHandle {
 }
 
 /// A whole orderflow system for one test.
+///
+/// Field order matters on drop: the running parts go first, so that they
+/// cannot declare queues again while the test broker deletes them.
 pub struct System {
-    pub opts: Options,
-    pub broker: TestBroker,
-    pub orders_db: TestDb,
-    pub processor_db: TestDb,
-    pub amqp_proxy: Option<FaultProxy>,
-    pub http: reqwest::Client,
-    pub order_port: u16,
-    pub processor_port: u16,
     orders: Option<Running>,
     processor: Option<Running>,
     pub relays: Vec<RelayHandle>,
     next_relay: usize,
+    pub opts: Options,
+    pub http: reqwest::Client,
+    pub order_port: u16,
+    pub processor_port: u16,
+    pub amqp_proxy: Option<FaultProxy>,
+    pub broker: TestBroker,
+    pub orders_db: TestDb,
+    pub processor_db: TestDb,
+}
+
+impl Drop for System {
+    /// A test that panics never reaches `stop()`: abort whatever still runs
+    /// in this process (processes are killed by their handles).
+    fn drop(&mut self) {
+        let running = self.orders.iter().chain(&self.processor).chain(self.relays.iter().map(|r| &r.running));
+        for r in running {
+            if let Running::Task { token, handle } = r {
+                token.cancel();
+                handle.abort();
+            }
+        }
+    }
 }
 
 /// Path of one of this package's binaries. Cargo builds a package's
@@ -406,6 +426,8 @@ impl System {
                 "1s",
                 "--metrics-addr",
                 "off",
+                "--published-retention",
+                if self.opts.keep_published { "1h" } else { "0s" },
             ]
             .iter()
             .map(|s| s.to_string())
@@ -417,6 +439,9 @@ impl System {
             cfg.poll_interval = Duration::from_millis(200);
             cfg.retry_base = Duration::from_millis(100);
             cfg.reconnect_max = Duration::from_secs(1);
+            if self.opts.keep_published {
+                cfg.retention.published = Duration::from_secs(3600);
+            }
             let token = CancellationToken::new();
             let handle = tokio::spawn(relay::run(cfg, token.clone()));
             Running::Task { token, handle }

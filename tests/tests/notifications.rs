@@ -33,7 +33,7 @@ async fn outbox_envelope(pool: &Pool, event_type: &str, aggregate_id: &str) -> E
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_order_confirmed_deliveries_give_one_notification() {
     // One message at a time per consumer, so the last copy sent is handled last.
-    let sys = System::start(Options { consumer_concurrency: 1, ..Options::default() }).await;
+    let sys = System::start(Options { consumer_concurrency: 1, keep_published: true, ..Options::default() }).await;
     let id = sys.place(&order_body("gina", &[("SKU-1", 1, 2499)])).await;
     assert_eq!(sys.wait_final(&id).await["status"], "confirmed");
     eventually("the notification is recorded", DEADLINE, || async { notifications(&sys, &id).await.len() == 1 }).await;
