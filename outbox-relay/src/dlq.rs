@@ -3,7 +3,6 @@
 use std::fmt::Write;
 
 use anyhow::{Context, bail};
-use diesel_async::AsyncConnection;
 use orderflow_broker::lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
@@ -165,9 +164,8 @@ pub async fn requeue(args: DlqRequeueArgs) -> anyhow::Result<()> {
     if depth(&conn, &dlq).await?.is_none() || depth(&conn, &target).await?.is_none() {
         bail!("no queues for consumer {:?} under prefix {:?}", args.consumer, args.broker.topology_prefix);
     }
-    let mut db = Conn::establish(&args.db.database_url).await.with_context(|| {
-        format!("cannot connect to PostgreSQL at {} to record the requeue", orderflow_db::redact(&args.db.database_url))
-    })?;
+    let mut db =
+        orderflow_db::establish(&args.db.database_url).await.context("recording the requeue needs the database")?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let held = take(&channel, &dlq, args.limit).await?;

@@ -3,14 +3,13 @@
 use std::fmt::Write;
 
 use anyhow::{Context, bail};
-use diesel_async::AsyncConnection;
 use orderflow_db::Conn;
 use orderflow_outbox::admin::{self, Scope, Selector};
 
 use crate::cli::{ReplayArgs, ReplaysArgs, ScopeArg, StatusArgs};
 
 async fn connect(url: &str) -> anyhow::Result<Conn> {
-    Conn::establish(url).await.with_context(|| format!("cannot connect to PostgreSQL at {}", orderflow_db::redact(url)))
+    Ok(orderflow_db::establish(url).await?)
 }
 
 /// Prints a command's output (not a log) to stdout in one write: the lock

@@ -4,9 +4,8 @@ use actix_web::{App, HttpServer, web};
 use anyhow::{Context, bail};
 use diesel::QueryableByName;
 use diesel::sql_types::Bool;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use orderflow_broker::Topology;
-use orderflow_db::Conn;
 use orderflow_outbox::relay::{self, RelayConfig};
 
 use crate::cli::RunArgs;
@@ -20,9 +19,7 @@ struct Exists {
 /// Checks the database once, so a wrong URL or an unmigrated database fails
 /// at start with one line; outages after that are ridden out.
 async fn preflight(url: &str) -> anyhow::Result<()> {
-    let mut conn = Conn::establish(url)
-        .await
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", orderflow_db::redact(url)))?;
+    let mut conn = orderflow_db::establish(url).await?;
     let found: Exists = diesel::sql_query("SELECT to_regclass('outbox') IS NOT NULL AS present")
         .get_result(&mut conn)
         .await

@@ -57,6 +57,11 @@ pub struct ConsumerConfig {
     pub reconnect_max: Duration,
     /// True while the consumer is subscribed to its queue (for `/ready`).
     pub connected: Arc<AtomicBool>,
+    /// Longest a handler's transaction may take. Past it the connection is
+    /// thrown away (it may be stalled) and the message handled again.
+    pub handler_timeout: Duration,
+    /// Larger messages are dead-lettered without being parsed.
+    pub max_message_bytes: usize,
 }
 
 impl ConsumerConfig {
@@ -70,6 +75,8 @@ impl ConsumerConfig {
             drain_timeout: Duration::from_secs(10),
             reconnect_max: Duration::from_secs(30),
             connected: Arc::new(AtomicBool::new(false)),
+            handler_timeout: Duration::from_secs(30),
+            max_message_bytes: 1024 * 1024,
         }
     }
 }
@@ -208,10 +215,28 @@ enum Applied {
     Duplicate,
 }
 
-/// Records the message in the inbox and runs the handler, in one transaction.
+/// Records the message in the inbox and runs the handler, in one
+/// transaction, within the handler timeout.
 async fn handle_once<H: Handler>(ctx: &Ctx<H>, env: &Envelope, event: &Event) -> Result<Applied, HandlerError> {
     let mut pooled = ctx.pool.get().await.map_err(|e| HandlerError::Unavailable(e.to_string()))?;
-    let conn: &mut Conn = &mut pooled;
+    let timeout = ctx.cfg.handler_timeout;
+    match tokio::time::timeout(timeout, transact(ctx, &mut pooled, env, event)).await {
+        Ok(result) => result,
+        Err(_) => {
+            // The transaction was abandoned mid-way on a connection that may
+            // be stalled: never hand it to anyone else.
+            drop(orderflow_db::PooledConn::take(pooled));
+            Err(HandlerError::Unavailable(format!("the handler's transaction took more than {timeout:?}")))
+        }
+    }
+}
+
+async fn transact<H: Handler>(
+    ctx: &Ctx<H>,
+    conn: &mut Conn,
+    env: &Envelope,
+    event: &Event,
+) -> Result<Applied, HandlerError> {
     let consumer = ctx.cfg.spec.consumer.as_str();
     conn.transaction::<_, HandlerError, _>(async |tx| {
         let inserted = diesel::insert_into(inbox::table)
@@ -235,6 +260,12 @@ async fn handle_once<H: Handler>(ctx: &Ctx<H>, env: &Envelope, event: &Event) ->
 async fn process<H: Handler>(ctx: &Ctx<H>, out: &Channel, delivery: Delivery, shutdown: &CancellationToken) {
     let consumer = ctx.cfg.spec.consumer.as_str();
     let attempt = header_i64(&delivery.properties, headers::ATTEMPT).unwrap_or(0).max(0);
+    if delivery.data.len() > ctx.cfg.max_message_bytes {
+        let reason = format!("message too large: {} bytes (limit {})", delivery.data.len(), ctx.cfg.max_message_bytes);
+        warn!(consumer, %reason, "rejecting message");
+        dead_letter(ctx, out, &delivery, &reason, attempt).await;
+        return;
+    }
     let decoded = Envelope::from_slice(&delivery.data).and_then(|env| Event::decode(&env).map(|ev| (env, ev)));
     let (env, event) = match decoded {
         Ok(x) => x,

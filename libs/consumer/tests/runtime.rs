@@ -200,3 +200,24 @@ async fn permanent_and_exhausted_failures_are_dead_lettered() {
     assert_eq!(f.inbox_rows().await, 0, "failed attempts leave no inbox row");
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_messages_are_dead_lettered_and_newer_minor_versions_are_handled() {
+    let f = Fixture::start().await;
+    let mut huge = declined("ok");
+    huge.payload["padding"] = serde_json::json!("x".repeat(2 * 1024 * 1024));
+    f.publish(&huge).await;
+    let props = f.next_dead_letter().await;
+    let reason = header_str(&props, headers::ERROR).unwrap();
+    assert!(reason.starts_with("message too large"), "{reason}");
+
+    // A producer on a newer minor version added a field: still handled.
+    let mut newer = declined("ok");
+    newer.schema_version = orderflow_envelope::SchemaVersion::new(1, 4);
+    newer.payload["issuer_code"] = serde_json::json!("05");
+    f.publish(&newer).await;
+    eventually("the newer minor version is handled", DEADLINE, || async { f.handler.calls(newer.message_id) == 1 })
+        .await;
+    assert_eq!(f.handler.calls(huge.message_id), 0);
+    f.stop().await;
+}

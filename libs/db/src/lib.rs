@@ -22,10 +22,41 @@ pub type PoolError = diesel_async::pooled_connection::deadpool::PoolError;
 /// A connection checked out of a [`Pool`].
 pub type PooledConn = diesel_async::pooled_connection::deadpool::Object<Conn>;
 
+/// `url` with the connection settings every orderflow connection needs,
+/// unless the URL sets them itself: a connect timeout, TCP keepalives, and a
+/// TCP user timeout. Without them a connection to a server that stops
+/// answering (a network stall, not a refusal) would wait forever; with them
+/// it fails within seconds and is replaced.
+pub fn tuned(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else { return url.to_owned() };
+    let present: Vec<String> = parsed.query_pairs().map(|(k, _)| k.into_owned()).collect();
+    let mut query = parsed.query_pairs_mut();
+    for (key, value) in [
+        ("connect_timeout", "5"),
+        ("keepalives", "1"),
+        ("keepalives_idle", "10"),
+        ("keepalives_interval", "5"),
+        ("keepalives_retries", "3"),
+        ("tcp_user_timeout", "15000"),
+    ] {
+        if !present.iter().any(|p| p == key) {
+            query.append_pair(key, value);
+        }
+    }
+    drop(query);
+    parsed.to_string()
+}
+
+/// Opens one dedicated connection (see [`tuned`]).
+pub async fn establish(url: &str) -> Result<Conn, DbError> {
+    use diesel_async::AsyncConnection;
+    Conn::establish(&tuned(url)).await.map_err(|e| DbError::unreachable(url, e))
+}
+
 /// Builds a pool for `url` and checks that one connection can be made, so a
 /// wrong URL or a stopped server fails at start with a clear error.
 pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let manager = AsyncDieselConnectionManager::<Conn>::new(url);
+    let manager = AsyncDieselConnectionManager::<Conn>::new(tuned(url));
     let pool = Pool::builder(manager)
         .max_size(max_size)
         .runtime(deadpool::Runtime::Tokio1)
@@ -43,11 +74,11 @@ pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
 /// A dedicated connection that LISTENs on `channel`. Notifications need a
 /// connection of their own: a pooled one is shared and recycled.
 pub async fn listen(url: &str, channel: &str) -> Result<Conn, DbError> {
-    use diesel_async::{AsyncConnection, RunQueryDsl};
+    use diesel_async::RunQueryDsl;
     if channel.is_empty() || !channel.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(DbError::Config(format!("invalid channel name {channel:?}")));
     }
-    let mut conn = Conn::establish(url).await.map_err(|e| DbError::unreachable(url, e))?;
+    let mut conn = establish(url).await?;
     diesel::sql_query(format!("LISTEN {channel}")).execute(&mut conn).await?;
     Ok(conn)
 }
@@ -62,5 +93,18 @@ pub fn redact(url: &str) -> String {
             u.to_string()
         }
         Err(_) => "<unparseable database url>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tuned;
+
+    #[test]
+    fn tuning_adds_timeouts_but_keeps_what_the_url_says() {
+        let t = tuned("postgres://u@h:5432/db?connect_timeout=2");
+        assert!(t.contains("connect_timeout=2") && !t.contains("connect_timeout=5"), "{t}");
+        assert!(t.contains("tcp_user_timeout=15000") && t.contains("keepalives_idle=10"), "{t}");
+        assert_eq!(tuned("not a url"), "not a url");
     }
 }

@@ -1,9 +1,9 @@
 use diesel::sql_types::{BigInt, Text};
 use diesel::{QueryableByName, sql_query};
-use diesel_async::{AsyncConnection, AsyncMigrationHarness, RunQueryDsl};
+use diesel_async::{AsyncMigrationHarness, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-use crate::{Conn, DbError, Pool};
+use crate::{DbError, Pool};
 
 /// The platform's DDL (outbox, inbox, ...), run by every service before its
 /// own migrations.
@@ -31,7 +31,7 @@ pub async fn ensure_database(url: &str) -> Result<(), DbError> {
         )));
     }
     parsed.set_path("/postgres");
-    let mut conn = Conn::establish(parsed.as_str()).await.map_err(|e| DbError::unreachable(url, e))?;
+    let mut conn = crate::establish(parsed.as_str()).await?;
     let found: Found = sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
         .bind::<Text, _>(&name)
         .get_result(&mut conn)

@@ -17,7 +17,7 @@ mod store;
 
 use std::time::{Duration, Instant};
 
-use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use orderflow_broker::Topology;
@@ -212,9 +212,8 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) {
 /// published again and consumers drop the duplicates, so waiting for the WAL
 /// flush would only slow every batch down.
 async fn connect(cfg: &RelayConfig, role: &str) -> Result<Conn, RelayError> {
-    let mut conn = Conn::establish(&cfg.database_url)
-        .await
-        .map_err(|e| RelayError::DbConnect(format!("{}: {e}", orderflow_db::redact(&cfg.database_url))))?;
+    let mut conn =
+        orderflow_db::establish(&cfg.database_url).await.map_err(|e| RelayError::DbConnect(e.to_string()))?;
     conn.batch_execute("SET synchronous_commit = off").await?;
     diesel::sql_query("SELECT set_config('application_name', $1, false)")
         .bind::<diesel::sql_types::Text, _>(format!("outbox-relay:{}{role}", cfg.relay_id))

@@ -98,7 +98,7 @@ pub(crate) async fn run(database_url: String, retention: Retention, shutdown: Ca
             _ = shutdown.cancelled() => return,
         }
         if conn.is_none() {
-            conn = <Conn as diesel_async::AsyncConnection>::establish(&database_url).await.ok();
+            conn = orderflow_db::establish(&database_url).await.ok();
         }
         let Some(c) = conn.as_mut() else { continue };
         match sweep(c, &retention).await {
