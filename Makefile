@@ -6,7 +6,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/orderflow/target
 CARGO ?= cargo
 
-.PHONY: help run build test lint fmt bench infra-up infra-down tools services clean-test-data
+.PHONY: help run build test lint fmt bench chaos infra-up infra-down tools services clean-test-data
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -36,6 +36,19 @@ fmt: ## Format the code
 
 bench: services ## Benchmarks: relay drain and latency against the broker's ceiling (release build, a few minutes)
 	$(CARGO) bench -p outbox-relay --bench relay
+
+# `make chaos ORDERS=1000 DURATION=10m CLIENTS=8 SEED=42`
+ORDERS ?= 300
+DURATION ?= 2m
+CLIENTS ?= 6
+RELAYS ?= 2
+SEED ?=
+chaos: services ## Long fault run: orders while processes are killed and connections cut; prints faults and invariants
+	$(CARGO) build -p orderflow-e2e --bins
+	@echo "process logs: $(CARGO_TARGET_DIR)/chaos-processes.log"
+	TEST_CHILD_STDERR=$(CARGO_TARGET_DIR)/chaos-processes.log \
+	  $(CARGO_TARGET_DIR)/debug/chaos --orders $(ORDERS) --duration $(DURATION) --clients $(CLIENTS) \
+	  --relays-per-db $(RELAYS) $(if $(SEED),--seed $(SEED),)
 
 infra-up: ## Start PostgreSQL and RabbitMQ with Docker Compose (needs a Docker engine)
 	docker compose -f infra/docker-compose.yml up -d postgres rabbitmq

@@ -6,13 +6,14 @@ use orderflow_broker::{QueueSpec, Topology};
 use crate::infra;
 
 /// A topology prefix of its own for one test. Queues of the specs passed to
-/// [`TestBroker::track`] and the events exchange are deleted on drop.
+/// [`TestBroker::track`] (or [`TestBroker::track_in`]) and their topologies'
+/// events exchanges are deleted on drop.
 pub struct TestBroker {
     /// The broker URL.
     pub amqp_url: String,
     /// The test's topology (prefix `t<random>`).
     pub topology: Topology,
-    tracked: Mutex<Vec<QueueSpec>>,
+    tracked: Mutex<Vec<(Topology, QueueSpec)>>,
 }
 
 impl TestBroker {
@@ -26,9 +27,16 @@ impl TestBroker {
 
     /// Deletes the queues of `spec` when the test ends.
     pub fn track(&self, spec: &QueueSpec) {
+        self.track_in(&self.topology, spec);
+    }
+
+    /// Deletes the queues of `spec` under another topology (e.g. one derived
+    /// from the test's prefix) when the test ends.
+    pub fn track_in(&self, topology: &Topology, spec: &QueueSpec) {
         let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        if !tracked.contains(spec) {
-            tracked.push(spec.clone());
+        let entry = (topology.clone(), spec.clone());
+        if !tracked.contains(&entry) {
+            tracked.push(entry);
         }
     }
 
@@ -42,19 +50,32 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        let specs = std::mem::take(&mut *self.tracked.lock().unwrap_or_else(|e| e.into_inner()));
-        let (url, topology) = (self.amqp_url.clone(), self.topology.clone());
+        let tracked = std::mem::take(&mut *self.tracked.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut by_topology: Vec<(Topology, Vec<QueueSpec>)> = vec![(self.topology.clone(), Vec::new())];
+        for (topology, spec) in tracked {
+            match by_topology.iter_mut().find(|(t, _)| *t == topology) {
+                Some((_, specs)) => specs.push(spec),
+                None => by_topology.push((topology, vec![spec])),
+            }
+        }
+        let url = self.amqp_url.clone();
         let cleaner = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
                 let conn = orderflow_broker::connect(&url, "test-cleanup").await.map_err(std::io::Error::other)?;
-                let result = topology.delete(&conn, &specs).await;
+                let mut result = Ok(());
+                for (topology, specs) in &by_topology {
+                    let deleted = topology.delete(&conn, specs).await;
+                    if result.is_ok() {
+                        result = deleted;
+                    }
+                }
                 let _ = conn.close(200, "bye".into()).await;
                 result.map_err(std::io::Error::other)
             })
         });
         if let Ok(Err(e)) = cleaner.join() {
-            eprintln!("could not delete test topology {}: {e}", self.topology.prefix());
+            eprintln!("could not delete all of test topology {}: {e}", self.topology.prefix());
         }
     }
 }

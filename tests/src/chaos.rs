@@ -1,0 +1,328 @@
+//! Orders under injected faults. While clients place (and sometimes cancel)
+//! orders, a campaign SIGKILLs and SIGTERMs every kind of process at random
+//! moments and restarts it, and cuts or stalls the broker and the database
+//! through the fault proxies. Afterwards everything is restored, the system
+//! is left to settle, and the [`invariants`](crate::invariants) are checked.
+//!
+//! Clients behave like careful real clients: each order has its own id, so
+//! a POST that failed (connection refused while order-service was down, a
+//! 503 while the database was cut) is simply sent again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::invariants::{self, Expectations, Verdict};
+use crate::{Db, Options, Part, Product, System, count, eventually};
+
+/// Sizes of a chaos run.
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    /// Orders placed in all.
+    pub orders: usize,
+    /// Clients placing them at once.
+    pub clients: usize,
+    /// How long faults are injected (the orders are spread over it).
+    pub duration: Duration,
+    /// Pause between two faults, drawn from this range.
+    pub pause: (Duration, Duration),
+    /// Share of accepted orders the client then tries to cancel.
+    pub cancel_share: f64,
+    /// Seeds every random choice (orders, faults), for a repeatable run.
+    pub seed: u64,
+    /// Relays per service database.
+    pub relays_per_db: usize,
+}
+
+impl Default for ChaosConfig {
+    fn default() -> Self {
+        Self {
+            orders: 40,
+            clients: 4,
+            duration: Duration::from_secs(15),
+            pause: (Duration::from_millis(500), Duration::from_millis(2000)),
+            cancel_share: 0.25,
+            seed: 7,
+            relays_per_db: 2,
+        }
+    }
+}
+
+/// What a run did and what held.
+#[derive(Debug)]
+pub struct ChaosReport {
+    pub config: ChaosConfig,
+    pub injected: Vec<(Duration, String)>,
+    pub accepted: usize,
+    pub client_retries: usize,
+    pub cancels: BTreeMap<String, usize>,
+    pub unclean_exits: Vec<String>,
+    pub settle: Duration,
+    pub verdict: Verdict,
+}
+
+impl ChaosReport {
+    /// True when every invariant held and every SIGTERM drained cleanly.
+    pub fn passed(&self) -> bool {
+        self.verdict.all_held() && self.unclean_exits.is_empty()
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let c = &self.config;
+        let _ = writeln!(
+            out,
+            "chaos: {} orders from {} clients over {:?}, seed {}, {} relays per database",
+            c.orders, c.clients, c.duration, c.seed, c.relays_per_db
+        );
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for (_, what) in &self.injected {
+            *kinds.entry(what.split(':').next().unwrap_or("")).or_default() += 1;
+        }
+        let _ = writeln!(out, "injected {} faults: {kinds:?}", self.injected.len());
+        for (at, what) in &self.injected {
+            let _ = writeln!(out, "  {:>7.2}s  {what}", at.as_secs_f64());
+        }
+        let _ = writeln!(
+            out,
+            "clients: {} orders accepted, {} requests retried; cancels {:?}; settled {:.1}s after the last fault",
+            self.accepted,
+            self.client_retries,
+            self.cancels,
+            self.settle.as_secs_f64()
+        );
+        if self.unclean_exits.is_empty() {
+            let _ = writeln!(out, "every SIGTERM drained and exited 0");
+        } else {
+            let _ = writeln!(out, "SIGTERM did not drain cleanly: {:?}", self.unclean_exits);
+        }
+        let _ = writeln!(out, "invariants:");
+        out.push_str(&self.verdict.render());
+        out
+    }
+}
+
+/// The catalog of a chaos run: plenty of one product, little of another
+/// (so some orders fail for stock), one blocked by payment.
+fn catalog() -> Vec<Product> {
+    vec![Product::new("PLENTY", 500, 100_000), Product::new("SCARCE", 900, 25), Product::new("BANNED", 100, 1000)]
+}
+
+/// The system a chaos run needs: every part a process, several relays per
+/// database, the broker and the database behind fault proxies, a probe.
+pub fn options(cfg: &ChaosConfig) -> Options {
+    Options {
+        catalog: catalog(),
+        blocked_skus: vec!["BANNED".into()],
+        amount_limit: 8_000,
+        decline_rate: 0.1,
+        services_as_processes: true,
+        relays_as_processes: true,
+        relays_per_db: cfg.relays_per_db,
+        broker_proxy: true,
+        db_proxy: true,
+        probe: true,
+        ..Options::default()
+    }
+}
+
+fn order_body(rng: &mut StdRng, i: usize) -> Value {
+    let mut items = vec![json!({"sku": "PLENTY", "quantity": rng.random_range(1..4), "price": 500})];
+    match rng.random_range(0..10) {
+        0..=2 => items.push(json!({"sku": "SCARCE", "quantity": rng.random_range(1..3), "price": 900})),
+        3 => items.push(json!({"sku": "BANNED", "quantity": 1, "price": 100})),
+        _ => {}
+    }
+    json!({
+        "order_id": Uuid::new_v4(),
+        "customer_id": format!("chaos-{}", i % 13),
+        "items": items,
+        "force_fail": rng.random_bool(0.05),
+    })
+}
+
+#[derive(Default)]
+struct Tally {
+    accepted: Vec<Uuid>,
+    retries: usize,
+    cancels: BTreeMap<String, usize>,
+}
+
+/// Sends a request until it gets a definite answer (anything but a
+/// connection error, a timeout or a 5xx), or gives up after `deadline`.
+async fn persist(
+    http: &reqwest::Client,
+    deadline: Duration,
+    tally: &Mutex<Tally>,
+    send: impl Fn() -> reqwest::RequestBuilder,
+) -> Option<(StatusCode, Value)> {
+    let started = Instant::now();
+    loop {
+        match send().send().await {
+            Ok(r) if !r.status().is_server_error() => {
+                let status = r.status();
+                return Some((status, r.json().await.unwrap_or(Value::Null)));
+            }
+            _ if started.elapsed() > deadline => return None,
+            _ => {
+                tally.lock().unwrap().retries += 1;
+                let _ = http;
+                tokio::time::sleep(Duration::from_millis(rand::random_range(100..400))).await;
+            }
+        }
+    }
+}
+
+async fn client(
+    http: reqwest::Client,
+    base: String,
+    cfg: ChaosConfig,
+    next: Arc<AtomicUsize>,
+    tally: Arc<Mutex<Tally>>,
+) {
+    let spacing = cfg.duration.mul_f64(cfg.clients as f64 / cfg.orders.max(1) as f64);
+    loop {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        if i >= cfg.orders {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+        let body = order_body(&mut rng, i);
+        let url = format!("{base}/orders");
+        let answer = persist(&http, Duration::from_secs(90), &tally, || http.post(&url).json(&body)).await;
+        match answer {
+            Some((StatusCode::CREATED, order)) => {
+                let id: Uuid = order["order_id"].as_str().and_then(|s| s.parse().ok()).unwrap();
+                tally.lock().unwrap().accepted.push(id);
+                if rng.random_bool(cfg.cancel_share) {
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(0..800))).await;
+                    let url = format!("{base}/orders/{id}/cancel");
+                    let outcome = match persist(&http, Duration::from_secs(90), &tally, || http.post(&url)).await {
+                        Some((status, _)) => status.as_u16().to_string(),
+                        None => "gave up".into(),
+                    };
+                    *tally.lock().unwrap().cancels.entry(outcome).or_default() += 1;
+                }
+            }
+            Some((status, body)) => panic!("order {i} refused with {status}: {body}"),
+            None => {}
+        }
+        tokio::time::sleep(spacing.mul_f64(rng.random_range(0.5..1.5))).await;
+    }
+}
+
+/// Runs one chaos campaign and checks the invariants.
+pub async fn run(cfg: ChaosConfig) -> ChaosReport {
+    let mut sys = System::start(options(&cfg)).await;
+    let initial_stock: HashMap<String, i64> = catalog().into_iter().map(|p| (p.sku, i64::from(p.on_hand))).collect();
+    let started = Instant::now();
+
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|_| tokio::spawn(client(http.clone(), sys.order_url(""), cfg.clone(), next.clone(), tally.clone())))
+        .collect();
+
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut injected = Vec::new();
+    let mut unclean_exits = Vec::new();
+    while started.elapsed() < cfg.duration {
+        let pause = rng.random_range(cfg.pause.0..=cfg.pause.1);
+        tokio::time::sleep(pause).await;
+        let parts = sys.parts();
+        let part = parts[rng.random_range(0..parts.len())];
+        let name = describe(&sys, part);
+        let at = started.elapsed();
+        match rng.random_range(0..6) {
+            0 | 1 => {
+                sys.crash(part).await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+                sys.restart(part).await;
+                injected.push((at, format!("SIGKILL: {name}, restarted")));
+            }
+            2 => {
+                let status = sys.terminate(part).await;
+                if !status.is_some_and(|s| s.success()) {
+                    unclean_exits.push(format!("{name}: {status:?}"));
+                }
+                sys.restart(part).await;
+                injected.push((at, format!("SIGTERM: {name} drained ({status:?}), restarted")));
+            }
+            3 => {
+                let down = Duration::from_millis(rng.random_range(300..2500));
+                sys.amqp_proxy.as_ref().unwrap().cut();
+                tokio::time::sleep(down).await;
+                sys.amqp_proxy.as_ref().unwrap().restore();
+                injected.push((at, format!("broker cut: every connection closed for {down:?}")));
+            }
+            4 => {
+                let down = Duration::from_millis(rng.random_range(300..2500));
+                sys.db_proxy.as_ref().unwrap().cut();
+                tokio::time::sleep(down).await;
+                sys.db_proxy.as_ref().unwrap().restore();
+                injected.push((at, format!("database cut: every connection closed for {down:?}")));
+            }
+            _ => {
+                let down = Duration::from_millis(rng.random_range(300..2000));
+                sys.db_proxy.as_ref().unwrap().stall();
+                tokio::time::sleep(down).await;
+                sys.db_proxy.as_ref().unwrap().restore();
+                injected.push((at, format!("database stall: no bytes through for {down:?}")));
+            }
+        }
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    sys.amqp_proxy.as_ref().unwrap().restore();
+    sys.db_proxy.as_ref().unwrap().restore();
+    sys.revive().await;
+
+    let settling = Instant::now();
+    let orders = sys.pool(Db::Orders).clone();
+    let processor = sys.pool(Db::Processor).clone();
+    eventually("every order final, outboxes drained and every outcome notified", Duration::from_secs(240), || async {
+        let pending = count(&orders, "SELECT count(*) AS n FROM orders WHERE status = 'pending'").await;
+        let unpublished =
+            count(&orders, "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL AND dead_at IS NULL").await
+                + count(&processor, "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL AND dead_at IS NULL")
+                    .await;
+        let all = count(&orders, "SELECT count(*) AS n FROM orders").await;
+        let notified = count(&processor, "SELECT count(*) AS n FROM notifications").await;
+        pending == 0 && unpublished == 0 && notified >= all
+    })
+    .await;
+    let settle = settling.elapsed();
+
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
+    let expectations = Expectations { accepted: tally.accepted.clone(), initial_stock };
+    let verdict = invariants::check(&sys, &expectations).await;
+    sys.stop().await;
+    ChaosReport {
+        config: cfg,
+        injected,
+        accepted: tally.accepted.len(),
+        client_retries: tally.retries,
+        cancels: tally.cancels,
+        unclean_exits,
+        settle,
+        verdict,
+    }
+}
+
+fn describe(sys: &System, part: Part) -> String {
+    match part {
+        Part::Orders => "order-service".into(),
+        Part::Processor => "processor-service".into(),
+        Part::Relay(i) => format!("relay {}", sys.relays[i].id),
+    }
+}
