@@ -76,6 +76,8 @@ pub struct Options {
     pub processor_extra: Vec<String>,
     /// Relays keep published outbox rows (for tests that read them back).
     pub keep_published: bool,
+    /// Environment of service processes (e.g. `ORDERFLOW_FAILPOINTS`).
+    pub service_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -96,6 +98,7 @@ impl Default for Options {
             consumer_concurrency: 8,
             processor_extra: vec![],
             keep_published: false,
+            service_env: vec![],
         }
     }
 }

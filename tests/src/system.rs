@@ -384,7 +384,7 @@ impl System {
         let url = format!("http://127.0.0.1:{port}/health");
         let started = Instant::now();
         loop {
-            let mut running = spawn(program, args, &[]);
+            let mut running = spawn(program, args, &self.opts.service_env);
             loop {
                 if matches!(self.http.get(&url).send().await, Ok(r) if r.status() == StatusCode::OK) {
                     return running;

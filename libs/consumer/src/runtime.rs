@@ -275,6 +275,11 @@ async fn process<H: Handler>(ctx: &Ctx<H>, out: &Channel, delivery: Delivery, sh
             return;
         }
     };
+    if env.payload.get("__abort").is_some() && orderflow_outbox::failpoint("consumer-abort-on-marked-message") {
+        // Fault tests: a consumer that crashes on this message every time,
+        // to show the queue's delivery limit parking it.
+        std::process::abort();
+    }
     let span = info_span!("consume", consumer, message_id = %env.message_id, event_type = %env.event_type,
         order_id = %env.aggregate_id, correlation_id = %env.correlation_id);
     async {
