@@ -2,8 +2,6 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, get, post, web};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncConnection;
 use orderflow_db::{Conn, ErrorClass, Pool, classify};
@@ -157,7 +155,8 @@ fn correlation(req: &HttpRequest) -> Metadata {
     tag = "orders",
     request_body(content = CreateOrder, content_type = "application/json"),
     responses(
-        (status = 201, description = "Accepted (or the same order posted again)", body = OrderView),
+        (status = 201, description = "Accepted (or the same order posted again)", body = OrderView,
+            headers(("Location" = String, description = "The order's URL"))),
         (status = 400, description = "Invalid request; `errors` names each field", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`order_id` is taken by a different order", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
@@ -165,7 +164,8 @@ fn correlation(req: &HttpRequest) -> Metadata {
         (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
-#[post("/orders")]
+// The name declares the method to `orderflow_web::not_found_fallback` (405s).
+#[post("/orders", name = "POST /orders")]
 pub async fn create_order(
     req: HttpRequest,
     payload: web::Payload,
@@ -202,13 +202,13 @@ pub async fn create_order(
     tag = "orders",
     params(("id" = Uuid, Path, description = "Order id")),
     responses(
-        (status = 200, body = OrderView),
+        (status = 200, description = "The order", body = OrderView),
         (status = 400, description = "Not a UUID", body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
-#[get("/orders/{id}")]
+#[get("/orders/{id}", name = "GET /orders/{id}")]
 pub async fn get_order(id: web::Path<Uuid>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let mut conn = state.pool.get().await?;
@@ -222,12 +222,15 @@ pub async fn get_order(id: web::Path<Uuid>, state: web::Data<AppState>) -> Resul
 pub struct ListParams {
     /// Only orders in this status.
     pub status: Option<OrderStatus>,
-    /// Only this customer's orders.
+    /// Only this customer's orders (no control characters: no customer id
+    /// has any).
+    #[param(pattern = r"^[^\u0000-\u001f\u007f-\u009f]*$")]
     pub customer_id: Option<String>,
     /// Page size, 1 to 100 (default 20).
     #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page: where the previous page ended.
+    #[param(pattern = r"^[0-9]{1,16}_[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
     pub cursor: Option<String>,
 }
 
@@ -240,14 +243,27 @@ pub struct OrderPage {
     pub next_cursor: Option<String>,
 }
 
+/// A cursor is the position of the last order of a page: its creation time
+/// in microseconds since the epoch and its id, `<micros>_<uuid>`. Any
+/// position is a valid place to continue from, so the documented pattern
+/// says exactly which cursors are accepted.
 fn encode_cursor(ts: DateTime<Utc>, id: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}:{id}", ts.timestamp_micros()))
+    format!("{}_{}", ts.timestamp_micros(), id.hyphenated())
 }
 
+/// The position a cursor names; `None` unless it has exactly the form
+/// [`encode_cursor`] writes (and the parameter's pattern states).
 fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
-    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(s).ok()?).ok()?;
-    let (micros, id) = raw.split_once(':')?;
-    Some((DateTime::from_timestamp_micros(micros.parse().ok()?)?, id.parse().ok()?))
+    let (micros, id) = s.split_once('_')?;
+    if micros.is_empty() || micros.len() > 16 || !micros.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // `Uuid::parse_str` also takes the simple, braced and URN forms; the
+    // contract is the hyphenated one (36 characters) only.
+    if id.len() != 36 {
+        return None;
+    }
+    Some((DateTime::from_timestamp_micros(micros.parse().ok()?)?, Uuid::parse_str(id).ok()?))
 }
 
 /// List orders, newest first, with cursor pagination.
@@ -255,17 +271,22 @@ fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
     tag = "orders",
     params(ListParams),
     responses(
-        (status = 200, body = OrderPage),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "A page of orders", body = OrderPage),
+        (status = 400, description = "Invalid filter, limit or cursor; `errors` names it", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
-#[get("/orders")]
+#[get("/orders", name = "GET /orders")]
 pub async fn list_orders(params: web::Query<ListParams>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let params = params.into_inner();
     let limit = params.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(Problem::invalid("query.limit", "must be between 1 and 100").into());
+    }
+    // PostgreSQL cannot even compare a text holding NUL, and no stored
+    // customer id has a control character (they are refused at creation).
+    if params.customer_id.as_deref().is_some_and(|c| c.chars().any(char::is_control)) {
+        return Err(Problem::invalid("query.customer_id", "must not contain control characters").into());
     }
     let after = match params.cursor.as_deref() {
         None => None,
@@ -318,13 +339,13 @@ impl From<TimelineRow> for TimelineEntry {
     tag = "orders",
     params(("id" = Uuid, Path, description = "Order id")),
     responses(
-        (status = 200, body = Vec<TimelineEntry>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The timeline, oldest step first", body = Vec<TimelineEntry>),
+        (status = 400, description = "Not a UUID", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
-#[get("/orders/{id}/events")]
+#[get("/orders/{id}/events", name = "GET /orders/{id}/events")]
 pub async fn order_events(id: web::Path<Uuid>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let mut conn = state.pool.get().await?;
@@ -335,11 +356,20 @@ pub async fn order_events(id: web::Path<Uuid>, state: web::Data<AppState>) -> Re
     Ok(HttpResponse::Ok().json(entries))
 }
 
-/// `POST /orders/{id}/cancel` body (optional).
+/// `POST /orders/{id}/cancel` body (optional; `null` is the same as none).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelOrder {
-    /// Why the customer cancels (at most 500 characters).
+    /// Why the customer cancels: at most 500 characters once leading and
+    /// trailing white space is trimmed, without NUL characters. Blank is the
+    /// same as no reason.
+    // The pattern is that rule spelled out: white space (Rust's
+    // `char::is_whitespace`, listed because `\s` differs between regex
+    // dialects) around nothing, or 1 to 500 characters that start and end
+    // with no white space and contain no NUL.
+    #[schema(
+        pattern = r"^[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*(?:[^\u0000\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000]{0,498}[^\u0000\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?)?[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"
+    )]
     pub reason: Option<String>,
 }
 
@@ -357,15 +387,15 @@ pub struct CancelOrder {
     request_body(content = Option<CancelOrder>, content_type = "application/json"),
     responses(
         (status = 200, description = "Cancelled (now or before)", body = OrderView),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Not a UUID, or an invalid body; `errors` names the field", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already shipped (confirmed) or failed", body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A body that is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable, or the order keeps changing; retry", body = Problem, content_type = "application/problem+json"),
     )
 )]
-#[post("/orders/{id}/cancel")]
+#[post("/orders/{id}/cancel", name = "POST /orders/{id}/cancel")]
 pub async fn cancel_order(
     req: HttpRequest,
     id: web::Path<Uuid>,
@@ -379,11 +409,16 @@ pub async fn cancel_order(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v != "0")
         || req.headers().contains_key(actix_web::http::header::TRANSFER_ENCODING);
-    let body: CancelOrder =
-        if has_body { json_body(&req, payload, state.max_body_bytes).await? } else { CancelOrder::default() };
-    let reason = body.reason.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
+    // The body is documented as optional (`Option<CancelOrder>`), which
+    // OpenAPI spells as "absent or null": both mean no reason.
+    let body: Option<CancelOrder> = if has_body { json_body(&req, payload, state.max_body_bytes).await? } else { None };
+    let reason = body.unwrap_or_default().reason.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
     if reason.as_ref().is_some_and(|r| r.chars().count() > 500) {
         return Err(Problem::invalid("reason", "must be at most 500 characters").into());
+    }
+    // PostgreSQL's text cannot hold NUL.
+    if reason.as_ref().is_some_and(|r| r.contains('\0')) {
+        return Err(Problem::invalid("reason", "must not contain NUL characters").into());
     }
     let meta = correlation(&req);
     let mut pooled = state.pool.get().await?;
@@ -433,7 +468,22 @@ mod tests {
         let ts = DateTime::from_timestamp_micros(1_763_700_000_123_456).unwrap();
         let id = Uuid::now_v7();
         assert_eq!(decode_cursor(&encode_cursor(ts, id)), Some((ts, id)));
-        assert_eq!(decode_cursor("nope"), None);
-        assert_eq!(decode_cursor(&URL_SAFE_NO_PAD.encode("1:2")), None);
+        let upper = format!("0001_{}", id.hyphenated().to_string().to_uppercase());
+        assert_eq!(decode_cursor(&upper), Some((DateTime::from_timestamp_micros(1).unwrap(), id)));
+        for garbage in [
+            "nope",
+            "zzz",
+            "",
+            "_",
+            &format!("_{id}"),
+            &format!("12345678901234567_{id}"),
+            &format!("-1_{id}"),
+            &format!("+1_{id}"),
+            &format!("1_{}", id.simple()),
+            &format!("1_{}", id.braced()),
+            &format!("1_{id}\n"),
+        ] {
+            assert_eq!(decode_cursor(garbage), None, "{garbage:?}");
+        }
     }
 }

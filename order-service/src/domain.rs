@@ -78,6 +78,10 @@ impl Default for Limits {
 /// `POST /orders` body. Money is in integer minor units (cents): `"price":
 /// 1999` is 19.99. Unknown fields are rejected, so a typo such as
 /// `forcefail` is an error rather than silently ignored.
+///
+/// The schema states every rule [`validate`] enforces except that no SKU
+/// may appear twice, so that a body the schema admits is accepted and one it
+/// refuses is rejected.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrder {
@@ -85,9 +89,19 @@ pub struct CreateOrder {
     /// the stored order instead of creating another one.
     #[serde(default)]
     pub order_id: Option<Uuid>,
-    /// Who orders.
+    /// Who orders: 1 to 128 characters once leading and trailing white space
+    /// is trimmed, without control characters.
+    // The pattern is that rule spelled out: white space (Rust's
+    // `char::is_whitespace`, listed because `\s` differs between regex
+    // dialects) around 1 to 128 characters that start and end with neither
+    // white space nor a control character and contain no control character.
+    #[schema(
+        pattern = r"^[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000-\u001f\u007f-\u009f]{0,126}[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"
+    )]
     pub customer_id: String,
-    /// What is ordered (1 to the configured maximum of lines).
+    /// What is ordered: 1 to `ORDER_MAX_ITEMS` lines (100 by default), each
+    /// SKU on one line only.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<CreateItem>,
     /// Ask payment to decline this order (demos and tests).
     #[serde(default)]
@@ -98,11 +112,16 @@ pub struct CreateOrder {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateItem {
-    /// Product SKU (letters, digits, `.`, `_`, `-`; at most 64).
+    /// Product SKU: 1 to 64 letters, digits, `.`, `_` or `-`.
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
     pub sku: String,
-    /// Units, at least 1.
+    /// Units, 1 to 10000.
+    #[serde(deserialize_with = "orderflow_web::integer::i64")]
+    #[schema(minimum = 1, maximum = 10_000)]
     pub quantity: i64,
-    /// Price of one unit in minor units (cents), an integer >= 0.
+    /// Price of one unit in minor units (cents), 0 to 100000000.
+    #[serde(deserialize_with = "orderflow_web::integer::i64")]
+    #[schema(minimum = 0, maximum = 100_000_000)]
     pub price: i64,
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::catalog::{self, NewProduct};
+use crate::catalog::{self, NewProduct, valid_sku};
 use crate::notification::{self, BreakerState, CircuitBreaker, Notification};
 use crate::schema::products;
 use crate::store::Product;
@@ -70,9 +70,26 @@ impl ApiError {
     }
 }
 
+/// A SKU from the path, checked before any query: a SKU that breaks the
+/// rules cannot exist (and PostgreSQL refuses a NUL in a text).
+fn path_sku(sku: &str) -> Result<&str, Problem> {
+    if valid_sku(sku) {
+        Ok(sku)
+    } else {
+        Err(Problem::invalid("path.sku", "must be 1 to 64 characters of letters, digits, '.', '_' or '-'"))
+    }
+}
+
 /// All products, by SKU.
-#[utoipa::path(tag = "products", responses((status = 200, body = Vec<Product>), (status = 503, body = Problem, content_type = "application/problem+json")))]
-#[get("/products")]
+#[utoipa::path(
+    tag = "products",
+    responses(
+        (status = 200, description = "Every product", body = Vec<Product>),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+// The names declare the methods to `orderflow_web::not_found_fallback` (405s).
+#[get("/products", name = "GET /products")]
 pub async fn list_products(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let mut conn = state.pool.get().await?;
     let all: Vec<Product> = products::table.order(products::sku).select(Product::as_select()).load(&mut conn).await?;
@@ -82,18 +99,20 @@ pub async fn list_products(state: web::Data<AppState>) -> Result<HttpResponse, A
 /// One product.
 #[utoipa::path(
     tag = "products",
-    params(("sku" = String, Path, description = "Product SKU")),
+    params(("sku" = String, Path, description = "Product SKU", pattern = r"^[A-Za-z0-9._-]{1,64}$")),
     responses(
-        (status = 200, body = Product),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The product", body = Product),
+        (status = 400, description = "Not a SKU", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such product", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
-#[get("/products/{sku}")]
+#[get("/products/{sku}", name = "GET /products/{sku}")]
 pub async fn get_product(sku: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let sku = path_sku(&sku)?;
     let mut conn = state.pool.get().await?;
     let product: Option<Product> =
-        products::table.find(sku.as_str()).select(Product::as_select()).first(&mut conn).await.optional()?;
+        products::table.find(sku).select(Product::as_select()).first(&mut conn).await.optional()?;
     let product = product.ok_or_else(|| Problem::not_found(format!("no product {sku}")))?;
     Ok(HttpResponse::Ok().json(product))
 }
@@ -103,15 +122,15 @@ pub async fn get_product(sku: web::Path<String>, state: web::Data<AppState>) -> 
     tag = "products",
     request_body(content = NewProduct, content_type = "application/json"),
     responses(
-        (status = 201, body = Product),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 201, description = "Added", body = Product),
+        (status = 400, description = "Invalid product; `errors` names each field", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The SKU exists", body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
-#[post("/products")]
+#[post("/products", name = "POST /products")]
 pub async fn create_product(
     req: HttpRequest,
     payload: web::Payload,
@@ -138,32 +157,36 @@ pub async fn create_product(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetStock {
-    /// The new number of units on hand (a stock count). Reserved and
-    /// shipped units are not touched; `received` moves by the difference.
+    /// The new number of units on hand (a stock count), 0 to 1000000000.
+    /// Reserved and shipped units are not touched; `received` moves by the
+    /// difference.
+    #[serde(deserialize_with = "orderflow_web::integer::i32")]
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub on_hand: i32,
 }
 
 /// Set the units on hand of a product (a stock count or a delivery).
 #[utoipa::path(
     tag = "products",
-    params(("sku" = String, Path, description = "Product SKU")),
+    params(("sku" = String, Path, description = "Product SKU", pattern = r"^[A-Za-z0-9._-]{1,64}$")),
     request_body(content = SetStock, content_type = "application/json"),
     responses(
-        (status = 200, body = Product),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The product with its new stock", body = Product),
+        (status = 400, description = "Not a SKU, or an invalid body; `errors` names the field", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such product", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
-#[put("/products/{sku}/stock")]
+#[put("/products/{sku}/stock", name = "PUT /products/{sku}/stock")]
 pub async fn set_stock(
     req: HttpRequest,
     sku: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    let sku = path_sku(&sku)?;
     let body: SetStock = json_body(&req, payload, state.max_body_bytes).await?;
     if !(0..=1_000_000_000).contains(&body.on_hand) {
         return Err(Problem::invalid("on_hand", "must be between 0 and 1000000000").into());
@@ -171,7 +194,7 @@ pub async fn set_stock(
     let mut conn = state.pool.get().await?;
     // One statement: the row lock makes it safe against concurrent
     // reservations, and `received` keeps the buckets balanced.
-    let updated: Option<Product> = diesel::update(products::table.find(sku.as_str()))
+    let updated: Option<Product> = diesel::update(products::table.find(sku))
         .set((
             products::received
                 .eq(products::received - products::on_hand.cast::<diesel::sql_types::BigInt>()
@@ -203,12 +226,12 @@ pub struct NotificationParams {
     tag = "notifications",
     params(NotificationParams),
     responses(
-        (status = 200, body = Vec<Notification>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The notifications, newest first", body = Vec<Notification>),
+        (status = 400, description = "Invalid order id or limit; `errors` names it", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
-#[get("/notifications")]
+#[get("/notifications", name = "GET /notifications")]
 pub async fn list_notifications(
     params: web::Query<NotificationParams>,
     state: web::Data<AppState>,
@@ -235,9 +258,12 @@ pub struct WebhookStatus {
 /// Webhook delivery status: the circuit breaker and the backlog.
 #[utoipa::path(
     tag = "notifications",
-    responses((status = 200, body = WebhookStatus), (status = 503, body = Problem, content_type = "application/problem+json"))
+    responses(
+        (status = 200, description = "The breaker and the backlog", body = WebhookStatus),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+    )
 )]
-#[get("/notifications/webhook")]
+#[get("/notifications/webhook", name = "GET /notifications/webhook")]
 pub async fn webhook_status(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     use crate::schema::notifications;
     let mut conn = state.pool.get().await?;

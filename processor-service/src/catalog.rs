@@ -17,17 +17,38 @@ pub const DEMO_CATALOG: &str = r#"[
   {"sku": "SKU-4", "name": "Paper filters x100", "price": 499, "on_hand": 500}
 ]"#;
 
+/// Whether `sku` is 1 to 64 letters, digits, `.`, `_` or `-` (the pattern
+/// `^[A-Za-z0-9._-]{1,64}$` of the schemas).
+pub fn valid_sku(sku: &str) -> bool {
+    !sku.is_empty() && sku.len() <= 64 && sku.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 /// A product to create (`POST /products`, or the seeded catalog).
+///
+/// The schema states every rule [`NewProduct::check`] enforces, so that a
+/// body the schema admits is accepted and one it refuses is rejected.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
     /// SKU: 1 to 64 letters, digits, `.`, `_` or `-`.
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
     pub sku: String,
-    /// Display name.
+    /// Display name: 1 to 200 characters, not all white space, no NUL.
+    // The pattern asks for one character that is neither white space (Rust's
+    // `char::is_whitespace`, listed because `\s` differs between regex
+    // dialects) nor NUL, and for no NUL anywhere.
+    #[schema(
+        max_length = 200,
+        pattern = r"^[^\u0000]*[^\u0000\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    )]
     pub name: String,
-    /// Unit price in minor units (cents).
+    /// Unit price in minor units (cents), 0 to 100000000.
+    #[serde(deserialize_with = "orderflow_web::integer::i64")]
+    #[schema(minimum = 0, maximum = 100_000_000)]
     pub price: i64,
-    /// Units on hand at creation.
+    /// Units on hand at creation, 0 to 1000000000.
+    #[serde(deserialize_with = "orderflow_web::integer::i32")]
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub on_hand: i32,
 }
 
@@ -35,10 +56,7 @@ impl NewProduct {
     /// Every field at fault, prefixed by `at` (e.g. `[2].`).
     pub fn check(&self, at: &str) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        let sku_ok = !self.sku.is_empty()
-            && self.sku.len() <= 64
-            && self.sku.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !sku_ok {
+        if !valid_sku(&self.sku) {
             errors.push(FieldError {
                 field: format!("{at}sku"),
                 message: "must be 1 to 64 characters of letters, digits, '.', '_' or '-'".into(),
@@ -46,6 +64,9 @@ impl NewProduct {
         }
         if self.name.trim().is_empty() || self.name.chars().count() > 200 {
             errors.push(FieldError { field: format!("{at}name"), message: "must be 1 to 200 characters".into() });
+        } else if self.name.contains('\0') {
+            // PostgreSQL's text cannot hold NUL.
+            errors.push(FieldError { field: format!("{at}name"), message: "must not contain NUL characters".into() });
         }
         if !(0..=100_000_000).contains(&self.price) {
             errors.push(FieldError {
@@ -104,4 +125,23 @@ pub async fn seed(conn: &mut Conn, catalog: &[NewProduct]) -> QueryResult<usize>
         }
     }
     Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_bad_field_is_named_and_whole_numbers_are_integers() {
+        let products = parse_catalog(r#"[{"sku": "A-1", "name": " Mug ", "price": 1299.0, "on_hand": 5e1}]"#).unwrap();
+        assert_eq!((products[0].price, products[0].on_hand), (1299, 50));
+        let err = parse_catalog(r#"[{"sku": "a b", "name": "x\u0000", "price": -1, "on_hand": 1}]"#).unwrap_err();
+        assert!(
+            err.contains("[0].sku") && err.contains("[0].name: must not contain NUL") && err.contains("[0].price"),
+            "{err}"
+        );
+        assert!(parse_catalog(r#"[{"sku": "A", "name": "x", "price": 19.99, "on_hand": 1}]"#).is_err());
+        assert!(valid_sku("SKU-1.a_b") && !valid_sku("") && !valid_sku(&"x".repeat(65)) && !valid_sku("ä"));
+    }
 }

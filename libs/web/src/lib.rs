@@ -4,7 +4,11 @@
 //!   field at fault;
 //! - [`json_body`]: reads a bounded body and deserializes it strictly, so a
 //!   bad field is reported by its path (`items[0].quantity`);
+//! - [`integer`]: integer body fields that also take whole numbers spelled
+//!   `2.0`, as JSON Schema's `integer` does;
 //! - [`extractor_errors`]: path and query extractors answering problem+json;
+//! - [`not_found_fallback`]: 404 for unknown paths, 405 with `Allow` for a
+//!   known path under another method;
 //! - [`health`], [`ready`] and [`metrics`]: liveness, readiness and
 //!   Prometheus endpoints;
 //! - [`Service`]: a server and its consumers, run and drained together;
@@ -12,6 +16,7 @@
 
 mod body;
 mod health;
+pub mod integer;
 mod problem;
 mod service;
 

@@ -114,10 +114,100 @@ pub fn extractor_errors(cfg: &mut web::ServiceConfig) {
     }));
 }
 
-/// Default service: unknown routes answer a problem+json 404.
+/// Methods a resource may be registered for, in the order `Allow` lists them.
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// Default service: a problem+json 405 with an `Allow` header when the path
+/// exists under other methods, a problem+json 404 otherwise.
+///
+/// actix routes a method that no resource's guard accepts here, like an
+/// unknown path, and keeps no record of which methods a path has. So the
+/// methods are read from the resources' names: a resource named
+/// `"<METHOD> <pattern>"`, e.g. `#[get("/orders/{id}", name = "GET /orders/{id}")]`,
+/// declares that method for that path. RFC 9110 requires the 405 and its
+/// `Allow` header; clients (and contract fuzzers) rely on them to tell "wrong
+/// method" from "no such resource".
 pub async fn not_found_fallback(req: HttpRequest) -> HttpResponse {
-    Problem::not_found(format!("no route for {} {}", req.method(), req.path())).error_response()
+    let allowed = allowed_methods(&req);
+    if allowed.is_empty() {
+        return Problem::not_found(format!("no route for {} {}", req.method(), req.path())).error_response();
+    }
+    let allow = allowed.join(", ");
+    let mut response = Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("{} is not allowed on {}; use {allow}", req.method(), req.path()),
+    )
+    .error_response();
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&allow) {
+        response.headers_mut().insert(actix_web::http::header::ALLOW, value);
+    }
+    response
+}
+
+/// The methods registered for the resource matching the request's path, by
+/// the `"<METHOD> <pattern>"` naming convention; empty if none.
+fn allowed_methods(req: &HttpRequest) -> Vec<&'static str> {
+    let rmap = req.resource_map();
+    let Some(pattern) = rmap.match_pattern(req.path()) else {
+        return Vec::new();
+    };
+    METHODS
+        .into_iter()
+        .filter(|method| {
+            // Only the name is looked up: a missing name is `ResourceNotFound`;
+            // any other answer (no elements given for `{id}`...) means it exists.
+            !matches!(
+                rmap.url_for(req, &format!("{method} {pattern}"), std::iter::empty::<&str>()),
+                Err(actix_web::error::UrlGenerationError::ResourceNotFound)
+            )
+        })
+        .collect()
 }
 
 // `mime` is re-exported by actix-web.
 use actix_web::mime;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use actix_web::{App, HttpResponse, test, web};
+
+    use super::not_found_fallback;
+
+    async fn ok() -> HttpResponse {
+        HttpResponse::Ok().finish()
+    }
+
+    #[actix_web::test]
+    async fn a_known_path_under_another_method_is_405_with_allow() {
+        let app = test::init_service(
+            App::new()
+                .service(web::resource("/orders").name("POST /orders").guard(actix_web::guard::Post()).to(ok))
+                .service(web::resource("/orders").name("GET /orders").guard(actix_web::guard::Get()).to(ok))
+                .service(web::resource("/orders/{id}").name("GET /orders/{id}").guard(actix_web::guard::Get()).to(ok))
+                .route("/health", web::get().to(ok))
+                .default_service(web::to(not_found_fallback)),
+        )
+        .await;
+        let call = |method: &str, path: &str| {
+            test::TestRequest::default().method(method.parse().unwrap()).uri(path).to_request()
+        };
+
+        let response = test::call_service(&app, call("DELETE", "/orders")).await;
+        assert_eq!(response.status(), 405);
+        assert_eq!(response.headers().get("allow").unwrap(), "GET, POST");
+        assert_eq!(response.headers().get("content-type").unwrap(), "application/problem+json");
+        let response = test::call_service(&app, call("TRACE", "/orders/42")).await;
+        assert_eq!(response.status(), 405);
+        assert_eq!(response.headers().get("allow").unwrap(), "GET");
+
+        // No named resource says which methods /health has: unknown, 404.
+        assert_eq!(test::call_service(&app, call("POST", "/health")).await.status(), 404);
+        let response = test::call_service(&app, call("GET", "/nowhere")).await;
+        assert_eq!(response.status(), 404);
+        assert!(!response.headers().contains_key("allow"));
+        assert_eq!(test::call_service(&app, call("GET", "/orders/42")).await.status(), 200);
+    }
+}
