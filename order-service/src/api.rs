@@ -142,7 +142,9 @@ impl From<Order> for OrderView {
 fn correlation(req: &HttpRequest) -> Metadata {
     let correlation_id =
         req.headers().get("x-correlation-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<Uuid>().ok());
-    Metadata { correlation_id, causation_id: None, traceparent: None }
+    // The request span continues the caller's trace (if any); the events
+    // written for this request carry it on to the consumers.
+    Metadata { correlation_id, causation_id: None, traceparent: orderflow_telemetry::current_traceparent() }
 }
 
 /// Accept an order.

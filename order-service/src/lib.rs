@@ -24,10 +24,13 @@ pub fn main() -> std::process::ExitCode {
     use std::process::ExitCode;
 
     let cfg = Config::parse();
-    if let Err(e) = orderflow_telemetry::init(&cfg.log, orderflow_telemetry::LogTo::Stdout) {
-        eprintln!("order-service: {e}");
-        return ExitCode::from(2);
-    }
+    let _telemetry = match orderflow_telemetry::init(&cfg.log, orderflow_telemetry::LogTo::Stdout, "order-service") {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("order-service: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -3,7 +3,6 @@
 
 use orderflow_consumer::{Handler, HandlerError, Incoming};
 use orderflow_db::Conn;
-use orderflow_envelope::Metadata;
 use orderflow_envelope::events::{Event, OrderConfirmed, OrderFailed};
 
 use crate::domain::OrderStatus;
@@ -37,7 +36,7 @@ impl Handler for Outcomes {
         };
         store::record(conn, msg.envelope).await?;
         let row = &order.row;
-        let meta = Metadata::caused_by(msg.envelope);
+        let meta = msg.meta();
         let (change, final_event) = match msg.event {
             Event::InventoryRejected(e) => fail(row, &e.reason),
             Event::PaymentDeclined(e) => fail(row, &e.reason),

@@ -279,10 +279,13 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The relay's logs and the operator commands' diagnostics go to stderr:
     // stdout is what `status`, `replay` and `dlq` print for people and scripts.
-    if let Err(e) = orderflow_telemetry::init(&cli.log, orderflow_telemetry::LogTo::Stderr) {
-        eprintln!("outbox-relay: {e}");
-        return ExitCode::from(2);
-    }
+    let _telemetry = match orderflow_telemetry::init(&cli.log, orderflow_telemetry::LogTo::Stderr, "outbox-relay") {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("outbox-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

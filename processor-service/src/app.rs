@@ -116,7 +116,10 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
         let (app, openapi) = App::new()
             .into_utoipa_app()
             .openapi(ApiDoc::openapi())
-            .map(|app| app.wrap(TracingLogger::default()))
+            .map(|app| {
+                app.wrap(actix_web::middleware::from_fn(orderflow_web::http_metrics))
+                    .wrap(TracingLogger::<orderflow_web::TraceContextRootSpan>::new())
+            })
             .app_data(web::Data::new(state.clone()))
             .app_data(web::Data::new(readiness.clone()))
             .map(|app| app.configure(orderflow_web::extractor_errors))

@@ -21,7 +21,7 @@ pub struct Inventory;
 
 impl Handler for Inventory {
     async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
-        let meta = Metadata::caused_by(msg.envelope);
+        let meta = msg.meta();
         match msg.event {
             Event::OrderCreated(e) => reserve(conn, e, &meta).await,
             Event::PaymentDeclined(e) => {

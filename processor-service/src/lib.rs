@@ -29,10 +29,14 @@ pub fn main() -> std::process::ExitCode {
     use std::process::ExitCode;
 
     let cfg = Config::parse();
-    if let Err(e) = orderflow_telemetry::init(&cfg.log, orderflow_telemetry::LogTo::Stdout) {
-        eprintln!("processor-service: {e}");
-        return ExitCode::from(2);
-    }
+    let _telemetry = match orderflow_telemetry::init(&cfg.log, orderflow_telemetry::LogTo::Stdout, "processor-service")
+    {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("processor-service: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

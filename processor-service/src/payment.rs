@@ -71,7 +71,7 @@ pub struct Payments {
 
 impl Handler for Payments {
     async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
-        let meta = Metadata::caused_by(msg.envelope);
+        let meta = msg.meta();
         match msg.event {
             Event::InventoryReserved(e) => self.charge(conn, e, &meta).await,
             Event::OrderCancelled(e) => refund(conn, e.order_id, &meta).await,

@@ -61,5 +61,6 @@ diesel::table! {
         last_error -> Nullable<Text>,
         created_at -> Timestamptz,
         delivered_at -> Nullable<Timestamptz>,
+        traceparent -> Nullable<Text>,
     }
 }

@@ -20,7 +20,7 @@ pub struct Shipping;
 impl Handler for Shipping {
     async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
         match msg.event {
-            Event::PaymentAuthorized(e) => ship(conn, e, &Metadata::caused_by(msg.envelope)).await,
+            Event::PaymentAuthorized(e) => ship(conn, e, &msg.meta()).await,
             other => Err(HandlerError::Permanent(format!("shipping does not consume {}", other.event_type()))),
         }
     }

@@ -78,6 +78,8 @@ pub struct Options {
     pub keep_published: bool,
     /// Environment of service processes (e.g. `ORDERFLOW_FAILPOINTS`).
     pub service_env: Vec<(String, String)>,
+    /// Relay processes serve /metrics on a port of their own.
+    pub relay_metrics: bool,
 }
 
 impl Default for Options {
@@ -99,6 +101,7 @@ impl Default for Options {
             processor_extra: vec![],
             keep_published: false,
             service_env: vec![],
+            relay_metrics: false,
         }
     }
 }

@@ -76,6 +76,8 @@ fn signal(child: &Child, sig: Signal) {
 pub struct RelayHandle {
     pub db: Db,
     pub id: String,
+    /// Port of its /metrics (processes with `relay_metrics`).
+    pub metrics_port: Option<u16>,
     running: Running,
 }
 
@@ -413,7 +415,8 @@ impl System {
         self.start_relay_with(db, self.opts.relays_as_processes, &env).await;
     }
 
-    fn relay_args(&self, db: Db, id: &str) -> Vec<String> {
+    fn relay_args(&self, db: Db, id: &str, metrics_port: Option<u16>) -> Vec<String> {
+        let metrics = metrics_port.map_or_else(|| "off".to_owned(), |p| format!("127.0.0.1:{p}"));
         [
             "run",
             "--database-url",
@@ -431,7 +434,7 @@ impl System {
             "--reconnect-max",
             "1s",
             "--metrics-addr",
-            "off",
+            &metrics,
             "--published-retention",
             if self.opts.keep_published { "1h" } else { "0s" },
         ]
@@ -444,8 +447,9 @@ impl System {
     pub async fn start_relay_with(&mut self, db: Db, process: bool, env: &[(String, String)]) {
         self.next_relay += 1;
         let id = format!("{}-{}", if db == Db::Orders { "orders" } else { "processor" }, self.next_relay);
+        let metrics_port = (process && self.opts.relay_metrics).then(free_port);
         let running = if process {
-            spawn(&bin("e2e-outbox-relay"), &self.relay_args(db, &id), env)
+            spawn(&bin("e2e-outbox-relay"), &self.relay_args(db, &id, metrics_port), env)
         } else {
             let mut cfg = RelayConfig::new(self.db_url(db), self.amqp_url(), self.relay_topology());
             cfg.relay_id = id.clone();
@@ -459,7 +463,7 @@ impl System {
             let handle = tokio::spawn(relay::run(cfg, token.clone()));
             Running::Task { token, handle }
         };
-        self.relays.push(RelayHandle { db, id, running });
+        self.relays.push(RelayHandle { db, id, metrics_port, running });
     }
 
     /// Removes and returns relay `i` (to kill it or wait for it).
@@ -512,8 +516,8 @@ impl System {
                 self.start_processor().await;
             }
             Part::Relay(i) => {
-                let (db, id) = (self.relays[i].db, self.relays[i].id.clone());
-                let running = spawn(&bin("e2e-outbox-relay"), &self.relay_args(db, &id), &self.opts.relay_env);
+                let (db, id, port) = (self.relays[i].db, self.relays[i].id.clone(), self.relays[i].metrics_port);
+                let running = spawn(&bin("e2e-outbox-relay"), &self.relay_args(db, &id, port), &self.opts.relay_env);
                 let old = std::mem::replace(&mut self.relays[i].running, running);
                 old.stop().await;
             }

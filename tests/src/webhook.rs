@@ -12,6 +12,7 @@ struct State {
     up: AtomicBool,
     refused: AtomicUsize,
     accepted: Mutex<HashMap<String, u32>>,
+    traceparents: Mutex<Vec<String>>,
 }
 
 /// See the module docs.
@@ -27,6 +28,9 @@ async fn receive(req: HttpRequest, state: web::Data<State>) -> HttpResponse {
         return HttpResponse::ServiceUnavailable().finish();
     }
     let key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    if let Some(tp) = req.headers().get("traceparent").and_then(|v| v.to_str().ok()) {
+        state.traceparents.lock().unwrap().push(tp.to_owned());
+    }
     *state.accepted.lock().unwrap().entry(key).or_default() += 1;
     HttpResponse::NoContent().finish()
 }
@@ -56,6 +60,11 @@ impl WebhookSink {
     /// Calls answered 503 while down.
     pub fn refused(&self) -> usize {
         self.state.refused.load(Ordering::SeqCst)
+    }
+
+    /// `traceparent` headers of accepted deliveries.
+    pub fn traceparents(&self) -> Vec<String> {
+        self.state.traceparents.lock().unwrap().clone()
     }
 
     /// Accepted deliveries per idempotency key.

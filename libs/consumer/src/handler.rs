@@ -2,7 +2,7 @@ use std::future::Future;
 
 use orderflow_db::{Conn, ErrorClass, classify};
 use orderflow_envelope::events::Event;
-use orderflow_envelope::{DecodeError, Envelope};
+use orderflow_envelope::{DecodeError, Envelope, Metadata};
 
 /// A message as handed to a [`Handler`]: the envelope and its typed event.
 #[derive(Debug)]
@@ -11,6 +11,18 @@ pub struct Incoming<'a> {
     pub envelope: &'a Envelope,
     /// The decoded event.
     pub event: &'a Event,
+}
+
+impl Incoming<'_> {
+    /// Metadata for the events this message causes: its correlation id, it
+    /// as the cause, and the trace context of the span handling it (a child
+    /// of the message's own span), so the trace goes on.
+    pub fn meta(&self) -> Metadata {
+        Metadata {
+            traceparent: orderflow_telemetry::current_traceparent().or_else(|| self.envelope.traceparent.clone()),
+            ..Metadata::caused_by(self.envelope)
+        }
+    }
 }
 
 /// How a handler failed; decides between retrying and dead-lettering.

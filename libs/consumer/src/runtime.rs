@@ -282,6 +282,8 @@ async fn process<H: Handler>(ctx: &Ctx<H>, out: &Channel, delivery: Delivery, sh
     }
     let span = info_span!("consume", consumer, message_id = %env.message_id, event_type = %env.event_type,
         order_id = %env.aggregate_id, correlation_id = %env.correlation_id);
+    // The span continues the trace of whoever wrote the message.
+    orderflow_telemetry::continue_trace(&span, env.traceparent.as_deref());
     async {
         let started = Instant::now();
         let mut conflicts = 0;

@@ -11,17 +11,21 @@
 //!   known path under another method;
 //! - [`health`], [`ready`] and [`metrics`]: liveness, readiness and
 //!   Prometheus endpoints;
+//! - [`TraceContextRootSpan`] and [`http_metrics`]: request spans that
+//!   continue the caller's trace, and request metrics by route;
 //! - [`Service`]: a server and its consumers, run and drained together;
 //! - [`shutdown_signal`]: a token cancelled on SIGINT or SIGTERM.
 
 mod body;
 mod health;
 pub mod integer;
+mod observe;
 mod problem;
 mod service;
 
 pub use body::json_body;
 pub use health::{Readiness, health, metrics, ready};
+pub use observe::{TraceContextRootSpan, http_metrics};
 pub use problem::{FieldError, Problem, extractor_errors, not_found_fallback};
 pub use service::{Service, StartupError, bind, operational_routes};
 

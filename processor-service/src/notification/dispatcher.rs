@@ -204,10 +204,11 @@ impl Dispatcher {
     async fn call(&self, n: &Notification) -> Result<(), CallError> {
         self.breaker.try_acquire().map_err(|_| CallError::Open)?;
         metrics::counter!("notification_webhook_calls_total").increment(1);
-        let sent = self
-            .client
-            .post(&self.cfg.url)
-            .header("Idempotency-Key", n.id.to_string())
+        let mut request = self.client.post(&self.cfg.url).header("Idempotency-Key", n.id.to_string());
+        if let Some(traceparent) = &n.traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        let sent = request
             .json(&serde_json::json!({
                 "id": n.id,
                 "order_id": n.order_id,

@@ -53,6 +53,8 @@ pub struct Notification {
     pub created_at: DateTime<Utc>,
     /// When the webhook accepted it.
     pub delivered_at: Option<DateTime<Utc>>,
+    /// W3C trace context of the order's trace, sent with the webhook call.
+    pub traceparent: Option<String>,
 }
 
 /// Minor units as a decimal amount, without floats.
@@ -109,6 +111,7 @@ impl Handler for Notifications {
                 notifications::customer_id.eq(customer_id),
                 notifications::kind.eq(kind),
                 notifications::text.eq(&text),
+                notifications::traceparent.eq(msg.meta().traceparent),
             ))
             .on_conflict((notifications::order_id, notifications::kind))
             .do_nothing()

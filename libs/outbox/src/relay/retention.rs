@@ -88,31 +88,61 @@ pub async fn sweep(conn: &mut Conn, retention: &Retention) -> diesel::QueryResul
     Ok(swept)
 }
 
-/// Sweeps every `retention.interval` until `shutdown`, on its own
-/// connection so the relay's claims never wait for it.
+/// Housekeeping on its own connection, so the relay's claims never wait
+/// for it: every 5 s the outbox gauges (backlog, oldest unpublished age, dead
+/// rows by event type), every `retention.interval` a retention sweep.
 pub(crate) async fn run(database_url: String, retention: Retention, shutdown: CancellationToken) {
+    let gauges_every = Duration::from_secs(5).min(retention.interval);
     let mut conn: Option<Conn> = None;
+    let mut last_sweep = tokio::time::Instant::now();
+    let mut dead_types = std::collections::HashSet::new();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(retention.interval) => {}
+            _ = tokio::time::sleep(gauges_every) => {}
             _ = shutdown.cancelled() => return,
         }
         if conn.is_none() {
             conn = orderflow_db::establish(&database_url).await.ok();
         }
         let Some(c) = conn.as_mut() else { continue };
-        match sweep(c, &retention).await {
-            Ok(s) => {
-                if s != Swept::default() {
-                    tracing::info!(outbox = s.outbox, inbox = s.inbox, "retention removed rows");
+        let mut ok = gauges(c, &mut dead_types).await.is_ok();
+        if ok && last_sweep.elapsed() >= retention.interval {
+            last_sweep = tokio::time::Instant::now();
+            match sweep(c, &retention).await {
+                Ok(s) => {
+                    if s != Swept::default() {
+                        tracing::info!(outbox = s.outbox, inbox = s.inbox, "retention removed rows");
+                    }
+                    metrics::counter!("outbox_retention_deleted_total", "table" => "outbox").increment(s.outbox);
+                    metrics::counter!("outbox_retention_deleted_total", "table" => "inbox").increment(s.inbox);
                 }
-                metrics::counter!("outbox_retention_deleted_total", "table" => "outbox").increment(s.outbox);
-                metrics::counter!("outbox_retention_deleted_total", "table" => "inbox").increment(s.inbox);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "retention sweep failed");
-                conn = None;
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention sweep failed");
+                    ok = false;
+                }
             }
         }
+        if !ok {
+            conn = None;
+        }
     }
+}
+
+/// Sets the outbox gauges from the status query. `dead_types` remembers the
+/// event types reported dead before, so their gauge drops to 0 once replayed.
+async fn gauges(conn: &mut Conn, dead_types: &mut std::collections::HashSet<String>) -> diesel::QueryResult<()> {
+    let status = crate::admin::status(conn).await?;
+    metrics::gauge!("outbox_backlog").set(status.backlog as f64);
+    metrics::gauge!("outbox_backing_off").set(status.backing_off as f64);
+    metrics::gauge!("outbox_oldest_unpublished_age_seconds").set(status.oldest_unpublished_age_seconds.unwrap_or(0.0));
+    metrics::gauge!("outbox_relays").set(status.relays.len() as f64);
+    metrics::gauge!("outbox_unowned_lanes").set(status.unowned_lanes.len() as f64);
+    for t in &status.dead_by_type {
+        dead_types.insert(t.event_type.clone());
+    }
+    for event_type in dead_types.iter() {
+        let dead = status.dead_by_type.iter().find(|t| &t.event_type == event_type).map_or(0, |t| t.count);
+        metrics::gauge!("outbox_dead_rows", "event_type" => event_type.clone()).set(dead as f64);
+    }
+    Ok(())
 }
