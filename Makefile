@@ -6,7 +6,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/orderflow/target
 CARGO ?= cargo
 
-.PHONY: help run build test fuzz lint fmt bench chaos infra-up infra-down tools services clean-test-data
+.PHONY: help run build test fuzz validate-infra lint fmt bench chaos infra-up infra-down tools services clean-test-data
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -23,10 +23,14 @@ services: ## Install (apt) and start PostgreSQL and RabbitMQ if missing or down
 tools: ## Install the test runner (cargo-nextest) if missing
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
 
-test: services tools ## Run every test against real PostgreSQL and RabbitMQ, then fuzz the HTTP contracts
+test: services tools ## Run every test against real PostgreSQL and RabbitMQ, fuzz the HTTP contracts, validate infra files
 	$(CARGO) build --workspace --bins
 	$(CARGO) nextest run --workspace --profile ci
 	BIN=$(CARGO_TARGET_DIR)/debug infra/local/fuzz.sh
+	infra/local/validate.sh
+
+validate-infra: ## Validate the compose file, the Kubernetes manifests, Prometheus rules and the Grafana dashboard
+	infra/local/validate.sh
 
 # `make fuzz FUZZ_EXAMPLES=200 FUZZ_SEED=7` for a longer or different run.
 fuzz: services build ## Fuzz both services' OpenAPI contracts with schemathesis (no 5xx, nothing outside the documented schema)

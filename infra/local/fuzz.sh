@@ -16,7 +16,6 @@ cd "$(dirname "$0")/../.."
 BIN=${BIN:?set BIN to the directory of the built binaries}
 EXAMPLES=${FUZZ_EXAMPLES:-50}
 SEED=${FUZZ_SEED:-1}
-VENV=${FUZZ_VENV:-$HOME/.cache/orderflow/venv}
 # Pinned: a newer release may add checks or change the CLI; bump on purpose.
 SCHEMATHESIS_VERSION=4.32.5
 LOGS=${LOGS:-.run}
@@ -29,17 +28,8 @@ mkdir -p "$LOGS"
 LOGS=$(cd "$LOGS" && pwd)
 
 # schemathesis in its own virtualenv, installed once and reused.
-if [[ "$("$VENV/bin/st" --version 2>/dev/null)" != *"version $SCHEMATHESIS_VERSION"* ]]; then
-  echo "installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
-  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
-    # Debian's python3 ships venv (and ensurepip) separately.
-    rm -rf "$VENV"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-    python3 -m venv "$VENV"
-  fi
-  "$VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
-fi
+source "$(dirname "$0")/venv.sh"
+ensure_venv "schemathesis==$SCHEMATHESIS_VERSION"
 
 RUN_ID=$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
 PREFIX="fuzz$RUN_ID"
