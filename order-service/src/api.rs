@@ -1,12 +1,11 @@
 //! The HTTP API of order-service.
 
-use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, HttpResponse, ResponseError, get, post, web};
+use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncConnection;
-use orderflow_db::{Conn, ErrorClass, Pool, classify};
+use orderflow_db::{Conn, Pool};
 use orderflow_envelope::Metadata;
-use orderflow_web::{Problem, json_body};
+use orderflow_web::{ApiError, Problem, json_body};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -23,56 +22,6 @@ pub struct AppState {
     pub limits: Limits,
     /// Maximum request body size, bytes.
     pub max_body_bytes: usize,
-}
-
-/// Errors of the handlers, each mapped to a problem+json response.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// A client error with its problem document.
-    #[error(transparent)]
-    Problem(#[from] Problem),
-    /// A database error.
-    #[error("database: {0}")]
-    Db(#[from] diesel::result::Error),
-    /// No database connection could be had.
-    #[error("database pool: {0}")]
-    Pool(String),
-}
-
-impl From<orderflow_db::PoolError> for ApiError {
-    fn from(e: orderflow_db::PoolError) -> Self {
-        Self::Pool(e.to_string())
-    }
-}
-
-impl ResponseError for ApiError {
-    fn status_code(&self) -> StatusCode {
-        self.problem().status_code()
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        self.problem().error_response()
-    }
-}
-
-impl ApiError {
-    fn problem(&self) -> Problem {
-        match self {
-            Self::Problem(p) => p.clone(),
-            Self::Db(e) if classify(e) != ErrorClass::Permanent => {
-                tracing::warn!(error = %e, "database unavailable");
-                Problem::unavailable("the database is unavailable; retry shortly")
-            }
-            Self::Db(e) => {
-                tracing::error!(error = %e, "database error");
-                Problem::internal()
-            }
-            Self::Pool(e) => {
-                tracing::warn!(error = %e, "no database connection");
-                Problem::unavailable("the database is unavailable; retry shortly")
-            }
-        }
-    }
 }
 
 /// One line of an order.

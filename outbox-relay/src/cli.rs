@@ -100,10 +100,18 @@ pub struct ReplayArgs {
     /// Show what would be replayed; change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Who replays (recorded).
+    /// Who and why, recorded.
+    #[command(flatten)]
+    pub record: Record,
+}
+
+/// Who repairs and why: recorded with every replay and requeue.
+#[derive(Debug, Clone, Args)]
+pub struct Record {
+    /// Who does it.
     #[arg(long, env = "USER", default_value = "unknown")]
     pub operator: String,
-    /// Why (recorded).
+    /// Why.
     #[arg(long)]
     pub reason: Option<String>,
 }
@@ -190,12 +198,9 @@ pub struct DlqRequeueArgs {
     /// Show what would be requeued; change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Who requeues (recorded).
-    #[arg(long, env = "USER", default_value = "unknown")]
-    pub operator: String,
-    /// Why (recorded).
-    #[arg(long)]
-    pub reason: Option<String>,
+    /// Who and why, recorded.
+    #[command(flatten)]
+    pub record: Record,
 }
 
 /// Where the outbox and the broker are.

@@ -199,7 +199,7 @@ pub async fn requeue(args: DlqRequeueArgs) -> anyhow::Result<()> {
         let selector =
             serde_json::json!({ "consumer": args.consumer, "message_ids": args.message_ids, "all": args.all });
         admin_record(&mut db, &args, &selector, &requeued).await?;
-        writeln!(o, "requeued {} dead letters (recorded as {})", requeued.len(), args.operator)?;
+        writeln!(o, "requeued {} dead letters (recorded as {})", requeued.len(), args.record.operator)?;
     }
     // Whatever was not requeued goes back to the DLQ.
     let _ = channel.close(200, "done".into()).await;
@@ -233,8 +233,8 @@ async fn admin_record(
     orderflow_outbox::admin::record(
         db,
         "dlq",
-        &args.operator,
-        args.reason.as_deref(),
+        &args.record.operator,
+        args.record.reason.as_deref(),
         selector,
         &serde_json::json!(ids),
         ids.len(),

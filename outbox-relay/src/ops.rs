@@ -108,10 +108,10 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         }
         return print(&o);
     }
-    let rows = admin::replay(&mut conn, scope, &selector, &args.operator, args.reason.as_deref())
+    let rows = admin::replay(&mut conn, scope, &selector, &args.record.operator, args.record.reason.as_deref())
         .await
         .context("replaying")?;
-    writeln!(o, "replayed {} rows (recorded as {}):", rows.len(), args.operator)?;
+    writeln!(o, "replayed {} rows (recorded as {}):", rows.len(), args.record.operator)?;
     for r in &rows {
         writeln!(o, "  {:>8}  {:<22} {}", r.id, r.event_type, r.aggregate_id)?;
     }

@@ -1,11 +1,10 @@
 //! The HTTP API of processor-service: products and stock.
 
-use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, HttpResponse, ResponseError, get, post, put, web};
+use actix_web::{HttpRequest, HttpResponse, get, post, put, web};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use orderflow_db::{ErrorClass, Pool, classify};
-use orderflow_web::{Problem, json_body};
+use orderflow_db::Pool;
+use orderflow_web::{ApiError, Problem, json_body};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
@@ -30,44 +29,6 @@ pub struct AppState {
     pub breaker: Arc<CircuitBreaker>,
     /// The webhook, if configured.
     pub webhook_url: Option<String>,
-}
-
-/// Errors of the handlers, each mapped to a problem+json response.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// A client error with its problem document.
-    #[error(transparent)]
-    Problem(#[from] Problem),
-    /// A database error.
-    #[error("database: {0}")]
-    Db(#[from] diesel::result::Error),
-    /// No database connection could be had.
-    #[error("database pool: {0}")]
-    Pool(#[from] orderflow_db::PoolError),
-}
-
-impl ResponseError for ApiError {
-    fn status_code(&self) -> StatusCode {
-        self.problem().status_code()
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        self.problem().error_response()
-    }
-}
-
-impl ApiError {
-    fn problem(&self) -> Problem {
-        match self {
-            Self::Problem(p) => p.clone(),
-            Self::Db(e) if classify(e) != ErrorClass::Permanent => Problem::unavailable("the database is unavailable"),
-            Self::Db(e) => {
-                tracing::error!(error = %e, "database error");
-                Problem::internal()
-            }
-            Self::Pool(_) => Problem::unavailable("the database is unavailable"),
-        }
-    }
 }
 
 /// A SKU from the path, checked before any query: a SKU that breaks the

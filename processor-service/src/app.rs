@@ -1,14 +1,11 @@
 //! Building and running processor-service: database, catalog, the stage
 //! consumers, the notification dispatcher and the HTTP server.
 
-use actix_web::{App, HttpServer, web};
+use actix_web::web;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use orderflow_web::{Readiness, Service, StartupError};
 use tokio_util::sync::CancellationToken;
-use tracing_actix_web::TracingLogger;
 use utoipa::OpenApi;
-use utoipa_actix_web::AppExt;
-use utoipa_swagger_ui::SwaggerUi;
 
 use crate::api::{self, AppState};
 use std::sync::Arc;
@@ -35,11 +32,8 @@ struct ApiDoc;
 /// Builds processor-service: creates and migrates the database, seeds the
 /// catalog, starts the stage consumers and binds the HTTP listener.
 pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, StartupError> {
-    if cfg.create_database {
-        orderflow_db::ensure_database(&cfg.database_url).await?;
-    }
-    let pool = orderflow_db::connect(&cfg.database_url, usize::from(cfg.db_pool_size)).await?;
-    orderflow_db::migrate(&pool, Some(MIGRATIONS)).await?;
+    let pool =
+        orderflow_db::open(&cfg.database_url, usize::from(cfg.db_pool_size), cfg.create_database, MIGRATIONS).await?;
     {
         let mut conn = pool.get().await.map_err(|e| StartupError::Other(format!("database: {e}")))?;
         let added = crate::catalog::seed(&mut conn, &cfg.catalog.0)
@@ -110,35 +104,16 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
         breaker,
         webhook_url: cfg.notify_webhook_url.clone(),
     };
-    let (listener, port) = orderflow_web::bind(cfg.http_addr)?;
-    orderflow_telemetry::metrics();
-    let server = HttpServer::new(move || {
-        let (app, openapi) = App::new()
-            .into_utoipa_app()
-            .openapi(ApiDoc::openapi())
-            .map(|app| {
-                app.wrap(actix_web::middleware::from_fn(orderflow_web::http_metrics))
-                    .wrap(TracingLogger::<orderflow_web::TraceContextRootSpan>::new())
-            })
+    let (server, port) = orderflow_web::http_server(cfg.http_addr, ApiDoc::openapi(), readiness, move |routes| {
+        routes
             .app_data(web::Data::new(state.clone()))
-            .app_data(web::Data::new(readiness.clone()))
-            .map(|app| app.configure(orderflow_web::extractor_errors))
             .service(api::list_products)
             .service(api::create_product)
             .service(api::get_product)
             .service(api::set_stock)
             .service(api::list_notifications)
-            .service(api::webhook_status)
-            .split_for_parts();
-        app.configure(orderflow_web::operational_routes)
-            .service(SwaggerUi::new("/swagger-ui/{_:.*}").url("/openapi.json", openapi))
-            .default_service(web::to(orderflow_web::not_found_fallback))
-    })
-    .listen(listener)
-    .map_err(|source| StartupError::Bind { addr: cfg.http_addr, source })?
-    .disable_signals()
-    .shutdown_timeout(10)
-    .run();
+            .service(api::webhook_status);
+    })?;
     tracing::info!(port, "processor-service listening");
     Ok(Service::new(port, server, tasks, shutdown))
 }

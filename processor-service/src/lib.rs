@@ -25,41 +25,7 @@ pub use config::Config;
 /// fails here with one line saying what and how), serves until SIGTERM or
 /// Ctrl-C, then drains.
 pub fn main() -> std::process::ExitCode {
-    use clap::Parser;
-    use std::process::ExitCode;
-
-    let cfg = Config::parse();
-    let _telemetry = match orderflow_telemetry::init(&cfg.log, orderflow_telemetry::LogTo::Stdout, "processor-service")
-    {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("processor-service: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("processor-service: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let shutdown = orderflow_web::shutdown_signal();
-        let service = match build(cfg, shutdown).await {
-            Ok(service) => service,
-            Err(e) => {
-                tracing::error!("cannot start: {e}");
-                eprintln!("processor-service: cannot start: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        match service.run_until_stopped().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("server failed: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    let cfg = <Config as clap::Parser>::parse();
+    let log = cfg.log.clone();
+    orderflow_web::run("processor-service", &log, move |shutdown| build(cfg, shutdown))
 }

@@ -17,7 +17,7 @@ use orderflow_db::Pool;
 use orderflow_envelope::Envelope;
 use uuid::Uuid;
 
-use crate::{Db, PROBE, System, consumer_specs};
+use crate::{Db, PROBE, System, consumer_specs, count};
 
 /// One invariant and whether it held.
 #[derive(Debug, Clone)]
@@ -131,19 +131,9 @@ struct Id {
     id: Uuid,
 }
 
-#[derive(QueryableByName)]
-struct N {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
 async fn load<T: QueryableByName<diesel::pg::Pg> + Send + 'static>(pool: &Pool, sql: &str) -> Vec<T> {
     let mut conn = pool.get().await.unwrap();
     diesel::sql_query(sql).load(&mut conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
-async fn count(pool: &Pool, sql: &str) -> i64 {
-    load::<N>(pool, sql).await.into_iter().next().map_or(0, |r| r.n)
 }
 
 fn keyed(rows: Vec<Keyed>) -> HashMap<Uuid, String> {

@@ -12,13 +12,12 @@
 use std::time::Duration;
 
 use diesel::QueryableByName;
-use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl;
 use orderflow_db::Pool;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-pub use orderflow_testkit::{eventually, eventually_some};
+pub use orderflow_testkit::{count, eventually, eventually_some};
 
 pub mod chaos;
 pub mod invariants;
@@ -104,18 +103,6 @@ impl Default for Options {
             relay_metrics: false,
         }
     }
-}
-
-#[derive(QueryableByName)]
-struct N {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-/// Runs a `SELECT ... AS n` returning one bigint.
-pub async fn count(pool: &Pool, sql: &str) -> i64 {
-    let mut conn = pool.get().await.unwrap();
-    diesel::sql_query(sql).get_result::<N>(&mut conn).await.unwrap().n
 }
 
 /// POSTs to `/orders/{id}/cancel`; returns the status and the JSON body.

@@ -50,13 +50,5 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
 
 /// `url` with the password removed, for logs and error messages.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable amqp url>".to_owned(),
-    }
+    orderflow_telemetry::redact_url(url)
 }

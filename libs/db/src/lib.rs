@@ -83,17 +83,25 @@ pub async fn listen(url: &str, channel: &str) -> Result<Conn, DbError> {
     Ok(conn)
 }
 
+/// A service's start-up: creates its database if asked and it is missing,
+/// builds the pool, and runs the platform's and the service's migrations.
+pub async fn open(
+    url: &str,
+    pool_size: usize,
+    create: bool,
+    migrations: diesel_migrations::EmbeddedMigrations,
+) -> Result<Pool, DbError> {
+    if create {
+        ensure_database(url).await?;
+    }
+    let pool = connect(url, pool_size).await?;
+    migrate(&pool, Some(migrations)).await?;
+    Ok(pool)
+}
+
 /// `url` with the password removed, for logs and error messages.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable database url>".to_owned(),
-    }
+    orderflow_telemetry::redact_url(url)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use orderflow_db::{Conn, Pool};
 use orderflow_envelope::events::{PaymentDeclined, PaymentRefunded};
 use orderflow_envelope::{Envelope, Metadata};
 use orderflow_outbox::relay::{self, RelayConfig};
-use orderflow_testkit::{TestBroker, TestDb, eventually};
+use orderflow_testkit::{TestBroker, TestDb, count, eventually};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -31,17 +31,6 @@ async fn write(pool: &Pool, events: Vec<Envelope>) {
 fn declined(order: Uuid, version: i64) -> Envelope {
     Envelope::new(&PaymentDeclined { order_id: order, reason: format!("v{version}") }, version, &Metadata::default())
         .unwrap()
-}
-
-#[derive(QueryableByName)]
-struct N {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-async fn count(pool: &Pool, sql: &str) -> i64 {
-    let mut conn = pool.get().await.unwrap();
-    diesel::sql_query(sql).get_result::<N>(&mut conn).await.unwrap().n
 }
 
 async fn drain(channel: &Channel, queue: &str) -> Vec<Envelope> {

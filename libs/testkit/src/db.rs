@@ -100,3 +100,15 @@ impl Drop for TestDb {
         }
     }
 }
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// Runs a query selecting one bigint named `n` (`SELECT count(*) AS n ...`).
+pub async fn count(pool: &Pool, sql: &str) -> i64 {
+    let mut conn = pool.get().await.expect("a connection to the test database");
+    diesel::sql_query(sql).get_result::<Count>(&mut conn).await.unwrap_or_else(|e| panic!("{sql}: {e}")).n
+}

@@ -20,7 +20,7 @@ mod proxy;
 mod wait;
 
 pub use broker::TestBroker;
-pub use db::TestDb;
+pub use db::{TestDb, count};
 pub use detect::{Infra, infra};
 pub use proxy::{FaultProxy, ProxyMode};
 pub use wait::{eventually, eventually_some};

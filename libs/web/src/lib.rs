@@ -1,7 +1,7 @@
 //! HTTP plumbing shared by orderflow services.
 //!
 //! - [`Problem`]: RFC 9457 `application/problem+json` bodies, naming each
-//!   field at fault;
+//!   field at fault, and [`ApiError`], every handler's error;
 //! - [`json_body`]: reads a bounded body and deserializes it strictly, so a
 //!   bad field is reported by its path (`items[0].quantity`);
 //! - [`integer`]: integer body fields that also take whole numbers spelled
@@ -17,6 +17,7 @@
 //! - [`shutdown_signal`]: a token cancelled on SIGINT or SIGTERM.
 
 mod body;
+mod error;
 mod health;
 pub mod integer;
 mod observe;
@@ -24,10 +25,11 @@ mod problem;
 mod service;
 
 pub use body::json_body;
+pub use error::ApiError;
 pub use health::{Readiness, health, metrics, ready};
 pub use observe::{TraceContextRootSpan, http_metrics};
 pub use problem::{FieldError, Problem, extractor_errors, not_found_fallback};
-pub use service::{Service, StartupError, bind, operational_routes};
+pub use service::{Service, StartupError, bind, http_server, operational_routes, run};
 
 use tokio_util::sync::CancellationToken;
 

@@ -4,9 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use diesel::QueryableByName;
-use diesel::sql_types::BigInt;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::AsyncConnection;
 use orderflow_broker::QueueSpec;
 use orderflow_broker::lapin::Channel;
 use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -90,16 +88,7 @@ pub fn declined(order: Uuid, version: i64) -> Envelope {
         .unwrap()
 }
 
-#[derive(QueryableByName)]
-struct N {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-pub async fn count(pool: &Pool, sql: &str) -> i64 {
-    let mut conn = pool.get().await.unwrap();
-    diesel::sql_query(sql).get_result::<N>(&mut conn).await.unwrap().n
-}
+pub use orderflow_testkit::count;
 
 /// A queue bound to `bindings` on the test topology, named `consumer`.
 pub async fn probe(broker: &TestBroker, channel: &Channel, consumer: &str, bindings: &[&str]) -> String {
