@@ -94,8 +94,12 @@ impl Payments {
         match self.rules.decide(e) {
             Ok(()) => {
                 store::set_payment(conn, e.order_id, "authorized", None).await?;
-                let event =
-                    PaymentAuthorized { order_id: e.order_id, payment_id: payment.payment_id, amount: e.total_amount };
+                let event = PaymentAuthorized {
+                    order_id: e.order_id,
+                    payment_id: payment.payment_id,
+                    amount: e.total_amount,
+                    customer_id: Some(e.customer_id.clone()),
+                };
                 emit(conn, &event, 1, meta).await?;
                 metrics::counter!("payments_total", "outcome" => "authorized").increment(1);
             }

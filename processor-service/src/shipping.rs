@@ -56,6 +56,7 @@ async fn ship(conn: &mut Conn, e: &PaymentAuthorized, meta: &Metadata) -> Result
         order_id: e.order_id,
         shipment_id: shipment.shipment_id,
         tracking_number: shipment.tracking_number,
+        customer_id: e.customer_id.clone(),
     };
     emit(conn, &event, 1, meta).await?;
     metrics::counter!("shipments_total").increment(1);

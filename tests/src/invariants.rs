@@ -300,21 +300,28 @@ pub async fn check(sys: &System, exp: &Expectations) -> Verdict {
         format!("{charged} charged, {refunded} refunded, {} shipments", shipments.len()),
     );
 
-    let notes = keyed(load(processor_db, "SELECT order_id, kind AS value FROM notifications").await);
-    let note_counts: Vec<TimelineCount> = load(
-        processor_db,
-        "SELECT order_id, kind AS event_type, count(*) AS n FROM notifications GROUP BY order_id, kind",
-    )
-    .await;
+    let notes: HashSet<(Uuid, String)> =
+        load::<Keyed>(processor_db, "SELECT order_id, kind AS value FROM notifications")
+            .await
+            .into_iter()
+            .map(|n| (n.order_id, n.value))
+            .collect();
     let mut unnotified = Vec::new();
     for o in orders.iter().filter(|o| o.status != "pending") {
-        let expected = format!("order_{}", o.status);
-        if notes.get(&o.id) != Some(&expected) {
-            unnotified.push(format!("{} {}: notification {:?}", o.id, o.status, notes.get(&o.id)));
+        let outcome = format!("order_{}", o.status);
+        if !notes.contains(&(o.id, outcome.clone())) {
+            unnotified.push(format!("{} {}: no {outcome} notification", o.id, o.status));
+        }
+        for other in ["order_confirmed", "order_failed", "order_cancelled"] {
+            if other != outcome && notes.contains(&(o.id, other.to_owned())) {
+                unnotified.push(format!("{} {}: also told {other}", o.id, o.status));
+            }
+        }
+        if o.status == "confirmed" && !notes.contains(&(o.id, "order_shipped".to_owned())) {
+            unnotified.push(format!("{} confirmed: no order_shipped notification", o.id));
         }
     }
-    unnotified
-        .extend(note_counts.iter().filter(|c| c.n > 1).map(|c| format!("{}: {} x{}", c.order_id, c.event_type, c.n)));
+    // (order, kind) is unique in the table: nobody is told the same thing twice.
     v.add("one notification per order and outcome", unnotified, format!("{} notifications", notes.len()));
 
     if sys.opts.probe {

@@ -7,7 +7,7 @@ use orderflow_broker::lapin::{BasicProperties, Channel};
 use orderflow_broker::{header_str, properties_for};
 use orderflow_consumer::headers;
 use orderflow_e2e::{DEADLINE, Options, System, eventually_some, order_body};
-use orderflow_envelope::events::{InventoryReserved, LineItem, OrderCreated, ShipmentCreated};
+use orderflow_envelope::events::{InventoryReleased, InventoryReserved, LineItem, OrderCreated};
 use orderflow_envelope::{Envelope, Metadata, SchemaVersion};
 use serde_json::json;
 use uuid::Uuid;
@@ -41,9 +41,10 @@ fn hostile() -> Vec<(&'static str, Vec<u8>, BasicProperties)> {
     let mut huge = created.clone();
     huge.message_id = Uuid::now_v7();
     huge.payload["padding"] = json!("x".repeat(3 * 1024 * 1024));
+    // Consumed by order-service only (and for an order it does not know).
     let stray = Envelope::new(
-        &ShipmentCreated { order_id: Uuid::now_v7(), shipment_id: Uuid::now_v7(), tracking_number: "T".into() },
-        1,
+        &InventoryReleased { order_id: Uuid::now_v7(), items: vec![], reason: "x".into() },
+        2,
         &Metadata::default(),
     )
     .unwrap();

@@ -86,13 +86,13 @@ catalog! {
     /// Reserved stock went back on hand (inventory, compensation).
     InventoryReleased => "inventory.released", "reservation", v(1, 0);
     /// The payment was authorized (payment).
-    PaymentAuthorized => "payment.authorized", "payment", v(1, 0);
+    PaymentAuthorized => "payment.authorized", "payment", v(1, 1);
     /// The payment was declined (payment).
     PaymentDeclined => "payment.declined", "payment", v(1, 0);
     /// An authorized payment was refunded (payment, compensation).
     PaymentRefunded => "payment.refunded", "payment", v(1, 0);
     /// A shipment was created (shipping).
-    ShipmentCreated => "shipment.created", "shipment", v(1, 0);
+    ShipmentCreated => "shipment.created", "shipment", v(1, 1);
     /// The order reached `confirmed` (order-service).
     OrderConfirmed => "order.confirmed", "order", v(1, 0);
     /// The order reached `failed` (order-service).
@@ -163,6 +163,10 @@ pub struct PaymentAuthorized {
     pub payment_id: Uuid,
     /// Amount charged, minor units.
     pub amount: i64,
+    /// Who ordered (added in 1.1, carried on to shipping; absent from 1.0
+    /// messages).
+    #[serde(default)]
+    pub customer_id: Option<String>,
 }
 
 /// `payment.declined`: nothing was charged.
@@ -194,6 +198,10 @@ pub struct ShipmentCreated {
     pub shipment_id: Uuid,
     /// Carrier tracking number.
     pub tracking_number: String,
+    /// Who ordered (added in 1.1, for the shipping notification; absent from
+    /// 1.0 messages).
+    #[serde(default)]
+    pub customer_id: Option<String>,
 }
 
 /// `order.confirmed`: final, success.

@@ -1,5 +1,5 @@
-//! The notification stage: one notification per order and outcome, recorded
-//! exactly once, delivered to a webhook at least once.
+//! The notification stage: one notification per order and outcome (and one
+//! when it ships), recorded exactly once, delivered to a webhook at least once.
 
 mod breaker;
 mod dispatcher;
@@ -22,7 +22,7 @@ use crate::schema::notifications;
 /// Consumer (and inbox) name.
 pub const CONSUMER: &str = "notification";
 /// Events it consumes.
-pub const BINDINGS: &[&str] = &["order.confirmed", "order.failed", "order.cancelled"];
+pub const BINDINGS: &[&str] = &["shipment.created", "order.confirmed", "order.failed", "order.cancelled"];
 /// Channel on which new notifications wake the dispatcher.
 pub const NOTIFY_CHANNEL: &str = "orderflow_notifications";
 
@@ -36,7 +36,7 @@ pub struct Notification {
     pub order_id: Uuid,
     /// Who to tell.
     pub customer_id: String,
-    /// `order_confirmed`, `order_failed` or `order_cancelled`.
+    /// `order_shipped`, `order_confirmed`, `order_failed` or `order_cancelled`.
     pub kind: String,
     /// The message.
     pub text: String,
@@ -63,9 +63,16 @@ fn money(minor: i64) -> String {
     format!("{sign}{}.{:02}", minor.unsigned_abs() / 100, minor.unsigned_abs() % 100)
 }
 
-/// What to tell whom about `event`, if it is an outcome.
+/// What to tell whom about `event`: its shipment, or its final outcome.
 fn compose(event: &Event) -> Option<(Uuid, &str, &'static str, String)> {
     match event {
+        Event::ShipmentCreated(e) => Some((
+            e.order_id,
+            // A 1.0 message does not say who ordered; the order id still does.
+            e.customer_id.as_deref().unwrap_or("unknown"),
+            "order_shipped",
+            format!("Your order {} has shipped: tracking number {}.", e.order_id, e.tracking_number),
+        )),
         Event::OrderConfirmed(e) => Some((
             e.order_id,
             &e.customer_id,
