@@ -10,7 +10,6 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use orderflow_db::Conn;
-use orderflow_envelope::events::LineItem;
 use orderflow_envelope::{DomainEvent, Envelope, Metadata};
 use uuid::Uuid;
 
@@ -299,13 +298,4 @@ pub async fn timeline(conn: &mut Conn, id: Uuid) -> QueryResult<Vec<TimelineRow>
         .select(TimelineRow::as_select())
         .load(conn)
         .await
-}
-
-/// The lines of `order` as carried in events.
-pub fn line_items(order: &Order) -> Vec<LineItem> {
-    order
-        .items
-        .iter()
-        .map(|i| LineItem { sku: i.sku.clone(), quantity: i.quantity, unit_price: i.unit_price })
-        .collect()
 }

@@ -8,8 +8,7 @@ use clap::Parser;
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::RunQueryDsl;
-use orderflow_broker::lapin::options::BasicPublishOptions;
-use orderflow_broker::{QueueSpec, properties_for};
+use orderflow_broker::QueueSpec;
 use orderflow_envelope::events::{LineItem, OrderCreated};
 use orderflow_envelope::{Envelope, Metadata};
 use orderflow_testkit::{TestBroker, TestDb, eventually};
@@ -98,22 +97,10 @@ async fn the_same_message_delivered_twice_changes_stock_once() {
     .await;
 
     let (_conn, channel) = broker.channel().await;
-    let exchange = broker.topology.events_exchange();
     let twice = created("SKU-1", 10);
     let fence = created("NOPE", 1);
     for env in [&twice, &twice, &fence] {
-        channel
-            .basic_publish(
-                exchange.as_str().into(),
-                env.event_type.as_str().into(),
-                BasicPublishOptions::default(),
-                &env.to_vec(),
-                properties_for(env),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        broker.publish(&channel, env).await;
     }
 
     let fence_sql = format!("SELECT status FROM reservations WHERE order_id = '{}'", fence.aggregate_id);

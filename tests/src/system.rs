@@ -42,6 +42,15 @@ pub(crate) enum Running {
 }
 
 impl Running {
+    /// Runs an in-process service on this runtime until `token` (the one it
+    /// was built with) is cancelled.
+    fn task(service: orderflow_web::Service, token: CancellationToken) -> Self {
+        let handle = tokio::spawn(async move {
+            let _ = service.run_until_stopped().await;
+        });
+        Running::Task { token, handle }
+    }
+
     async fn stop(self) {
         match self {
             Running::Task { token, handle } => {
@@ -349,10 +358,7 @@ impl System {
             let token = CancellationToken::new();
             let service = processor_service::build(cfg, token.clone()).await.unwrap();
             self.processor_port = service.port();
-            let handle = tokio::spawn(async move {
-                let _ = service.run_until_stopped().await;
-            });
-            self.processor = Some(Running::Task { token, handle });
+            self.processor = Some(Running::task(service, token));
             self.wait_ready(self.processor_port).await;
         }
     }
@@ -371,10 +377,7 @@ impl System {
             let token = CancellationToken::new();
             let service = order_service::build(cfg, token.clone()).await.unwrap();
             self.order_port = service.port();
-            let handle = tokio::spawn(async move {
-                let _ = service.run_until_stopped().await;
-            });
-            self.orders = Some(Running::Task { token, handle });
+            self.orders = Some(Running::task(service, token));
             self.wait_ready(self.order_port).await;
         }
     }

@@ -2,9 +2,8 @@
 //! delivery limit parks the message, and everything else keeps flowing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use orderflow_broker::lapin::options::{BasicGetOptions, BasicPublishOptions};
+use orderflow_broker::lapin::options::BasicGetOptions;
 use orderflow_broker::lapin::types::AMQPValue;
-use orderflow_broker::properties_for;
 use orderflow_e2e::{DEADLINE, Options, System, eventually_some, order_body};
 use orderflow_envelope::events::{LineItem, OrderCreated};
 use orderflow_envelope::{Envelope, Metadata};
@@ -33,18 +32,7 @@ async fn a_message_that_crashes_its_consumer_every_time_is_parked_by_the_deliver
     .unwrap();
     poison.payload["__abort"] = serde_json::json!(true);
     let (_conn, channel) = sys.broker.channel().await;
-    channel
-        .basic_publish(
-            sys.topology().events_exchange().as_str().into(),
-            "order.created".into(),
-            BasicPublishOptions::default(),
-            &poison.to_vec(),
-            properties_for(&poison),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    sys.broker.publish(&channel, &poison).await;
 
     // processor-service dies on it; a supervisor brings it back each time.
     let dlq = sys.topology().dead_letter_queue("inventory");

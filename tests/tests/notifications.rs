@@ -3,8 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use futures::future::join_all;
-use orderflow_broker::lapin::options::BasicPublishOptions;
-use orderflow_broker::properties_for;
 use orderflow_db::Pool;
 use orderflow_e2e::{DEADLINE, Db, Options, System, WebhookSink, count, eventually, order_body, timeline};
 use orderflow_envelope::Envelope;
@@ -49,18 +47,7 @@ async fn duplicate_order_confirmed_deliveries_give_one_notification() {
     copy.message_id = Uuid::now_v7();
     let (_conn, channel) = sys.broker.channel().await;
     for env in [&confirmed, &confirmed, &copy] {
-        channel
-            .basic_publish(
-                sys.topology().events_exchange().as_str().into(),
-                env.event_type.as_str().into(),
-                BasicPublishOptions::default(),
-                &env.to_vec(),
-                properties_for(env),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        sys.broker.publish(&channel, env).await;
     }
     let processor = sys.pool(Db::Processor);
     eventually("the copy under a new id is handled", DEADLINE, || async {

@@ -5,7 +5,7 @@ mod properties;
 mod topology;
 
 pub use lapin;
-pub use properties::{HeaderValue, header_i64, header_str, properties_for};
+pub use properties::{header_i64, header_str, properties_for};
 pub use topology::{QueueSpec, Topology};
 
 use lapin::{Connection, ConnectionProperties};
@@ -45,10 +45,5 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url, props)
         .await
-        .map_err(|e| BrokerError::Unreachable { url: redact(url), reason: e.to_string() })
-}
-
-/// `url` with the password removed, for logs and error messages.
-pub fn redact(url: &str) -> String {
-    orderflow_telemetry::redact_url(url)
+        .map_err(|e| BrokerError::Unreachable { url: orderflow_telemetry::redact_url(url), reason: e.to_string() })
 }

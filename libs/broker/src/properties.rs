@@ -32,9 +32,6 @@ pub fn properties_for(env: &Envelope) -> BasicProperties {
         .with_headers(headers)
 }
 
-/// A header value read back from a message.
-pub type HeaderValue = AMQPValue;
-
 /// Reads a string header (short or long string).
 pub fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
     match props.headers().as_ref()?.inner().get(key)? {

@@ -17,12 +17,17 @@ use orderflow_db::schema::inbox;
 use orderflow_db::{Conn, Pool};
 use orderflow_envelope::Envelope;
 use orderflow_envelope::events::Event;
+use orderflow_outbox::backoff;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::handler::{Disposition, Handler, HandlerError, Incoming};
+
+/// Cap of the wait between attempts at a message while the database is down:
+/// short, because the message is held unacked and should go on soon after.
+const DB_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// Header names the runtime sets on retried and dead-lettered messages.
 pub mod headers {
@@ -93,20 +98,19 @@ struct Ctx<H> {
 /// closes the channel, which returns anything unacked to the queue.
 pub async fn run<H: Handler>(cfg: ConsumerConfig, pool: Pool, handler: H, shutdown: CancellationToken) {
     let ctx = Arc::new(Ctx { cfg, pool, handler });
-    let mut wait = Duration::from_millis(100);
+    let mut waits = backoff::reconnect(ctx.cfg.reconnect_max);
     while !shutdown.is_cancelled() {
         match session(&ctx, &shutdown).await {
             Ok(()) => break,
             Err(e) => {
                 metrics::counter!("consumer_reconnects_total", "consumer" => ctx.cfg.spec.consumer.clone())
                     .increment(1);
-                let jittered = wait.mul_f64(0.5 + rand::random::<f64>());
-                warn!(consumer = %ctx.cfg.spec.consumer, error = %e, retry_in = ?jittered, "broker session ended");
+                let wait = waits.next_wait();
+                warn!(consumer = %ctx.cfg.spec.consumer, error = %e, retry_in = ?wait, "broker session ended");
                 tokio::select! {
-                    _ = tokio::time::sleep(jittered) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => {}
                 }
-                wait = (wait * 2).min(ctx.cfg.reconnect_max);
             }
         }
     }
@@ -117,7 +121,7 @@ pub async fn run<H: Handler>(cfg: ConsumerConfig, pool: Pool, handler: H, shutdo
 /// retrying until the broker answers or `shutdown`. A stage that does not run
 /// in this process still gets its queue, so its messages wait for it.
 pub async fn declare(cfg: &ConsumerConfig, shutdown: &CancellationToken) {
-    let mut wait = Duration::from_millis(100);
+    let mut waits = backoff::reconnect(cfg.reconnect_max);
     while !shutdown.is_cancelled() {
         let attempt = async {
             let connection = orderflow_broker::connect(&cfg.amqp_url, &format!("declare:{}", cfg.spec.consumer))
@@ -131,12 +135,12 @@ pub async fn declare(cfg: &ConsumerConfig, shutdown: &CancellationToken) {
         match attempt.await {
             Ok(()) => return,
             Err(e) => {
-                warn!(consumer = %cfg.spec.consumer, error = %e, "cannot declare queues yet");
+                let wait = waits.next_wait();
+                warn!(consumer = %cfg.spec.consumer, error = %e, retry_in = ?wait, "cannot declare queues yet");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => {}
                 }
-                wait = (wait * 2).min(cfg.reconnect_max);
             }
         }
     }
@@ -287,7 +291,7 @@ async fn process<H: Handler>(ctx: &Ctx<H>, out: &Channel, delivery: Delivery, sh
     async {
         let started = Instant::now();
         let mut conflicts = 0;
-        let mut db_wait = Duration::from_millis(100);
+        let mut db_waits = backoff::reconnect(DB_WAIT_MAX);
         loop {
             let failure = match handle_once(ctx, &env, &event).await {
                 Ok(applied) => {
@@ -306,13 +310,13 @@ async fn process<H: Handler>(ctx: &Ctx<H>, out: &Channel, delivery: Delivery, sh
             };
             match failure.disposition() {
                 Disposition::WaitForDatabase => {
-                    warn!(error = %failure, retry_in = ?db_wait, "database unavailable, holding message");
+                    let wait = db_waits.next_wait();
+                    warn!(error = %failure, retry_in = ?wait, "database unavailable, holding message");
                     tokio::select! {
-                        _ = tokio::time::sleep(db_wait) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         // Unacked: the broker redelivers it after we close.
                         _ = shutdown.cancelled() => return,
                     }
-                    db_wait = (db_wait * 2).min(Duration::from_secs(5));
                 }
                 Disposition::RetryNow if conflicts < 5 => {
                     conflicts += 1;

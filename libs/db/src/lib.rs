@@ -99,11 +99,6 @@ pub async fn open(
     Ok(pool)
 }
 
-/// `url` with the password removed, for logs and error messages.
-pub fn redact(url: &str) -> String {
-    orderflow_telemetry::redact_url(url)
-}
-
 #[cfg(test)]
 mod tests {
     use super::tuned;

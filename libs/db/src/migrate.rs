@@ -22,12 +22,13 @@ struct Found {
 /// Creates the database named in `url` if it does not exist yet, by
 /// connecting to the server's `postgres` database.
 pub async fn ensure_database(url: &str) -> Result<(), DbError> {
-    let mut parsed = url::Url::parse(url).map_err(|e| DbError::Config(format!("{e}: {}", crate::redact(url))))?;
+    let mut parsed =
+        url::Url::parse(url).map_err(|e| DbError::Config(format!("{e}: {}", orderflow_telemetry::redact_url(url))))?;
     let name = parsed.path().trim_start_matches('/').to_owned();
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(DbError::Config(format!(
             "database name {name:?} in {} must be non-empty and use only letters, digits and _",
-            crate::redact(url)
+            orderflow_telemetry::redact_url(url)
         )));
     }
     parsed.set_path("/postgres");

@@ -217,7 +217,8 @@ impl Envelope {
                 supported: E::SCHEMA_VERSION.major,
             });
         }
-        serde_json::from_value(self.payload.clone())
+        // Deserialized from the borrowed tree: no copy of the payload.
+        E::deserialize(&self.payload)
             .map_err(|e| DecodeError::InvalidPayload { event_type: self.event_type.clone(), reason: e.to_string() })
     }
 }

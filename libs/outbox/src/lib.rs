@@ -8,6 +8,7 @@
 //!   them published.
 
 pub mod admin;
+pub mod backoff;
 mod failpoint;
 pub mod relay;
 mod row;

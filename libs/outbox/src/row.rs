@@ -69,7 +69,7 @@ impl PendingRow {
     /// envelope (hand-edited, corrupted) is a permanent failure of that row.
     pub fn envelope(&self) -> Result<Envelope, String> {
         let headers: OutboxHeaders =
-            serde_json::from_value(self.headers.clone()).map_err(|e| format!("bad headers column: {e}"))?;
+            OutboxHeaders::deserialize(&self.headers).map_err(|e| format!("bad headers column: {e}"))?;
         Ok(Envelope {
             message_id: self.message_id,
             event_type: self.event_type.clone(),

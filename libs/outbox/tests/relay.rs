@@ -8,8 +8,8 @@ use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use orderflow_broker::QueueSpec;
-use orderflow_broker::lapin::Channel;
 use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions};
+use orderflow_broker::lapin::{Channel, Connection};
 use orderflow_db::{Conn, Pool};
 use orderflow_envelope::events::{PaymentDeclined, PaymentRefunded};
 use orderflow_envelope::{Envelope, Metadata};
@@ -42,13 +42,19 @@ async fn drain(channel: &Channel, queue: &str) -> Vec<Envelope> {
     out
 }
 
-fn probe(bindings: &[&str]) -> QueueSpec {
-    QueueSpec {
+/// Declares queue `probe` bound to `bindings` (deleted when the test ends)
+/// and returns a channel to read it with.
+async fn probe(broker: &TestBroker, bindings: &[&str]) -> (Connection, Channel) {
+    let spec = QueueSpec {
         consumer: "probe".into(),
         bindings: bindings.iter().map(|s| s.to_string()).collect(),
         retry_delays: vec![],
         delivery_limit: 5,
-    }
+    };
+    broker.track(&spec);
+    let (conn, channel) = broker.channel().await;
+    broker.topology.declare_consumer(&channel, &spec).await.unwrap();
+    (conn, channel)
 }
 
 fn fast(db: &TestDb, broker: &TestBroker) -> RelayConfig {
@@ -63,10 +69,7 @@ fn fast(db: &TestDb, broker: &TestBroker) -> RelayConfig {
 async fn publishes_every_row_once_in_written_order_per_aggregate() {
     let db = TestDb::new(None).await;
     let broker = TestBroker::new().await;
-    let spec = probe(&["#"]);
-    broker.track(&spec);
-    let (_conn, channel) = broker.channel().await;
-    broker.topology.declare_consumer(&channel, &spec).await.unwrap();
+    let (_conn, channel) = probe(&broker, &["#"]).await;
 
     let orders: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
     // Interleaved writes, several per transaction, and a batch size smaller
@@ -119,10 +122,7 @@ async fn a_refused_message_backs_off_then_dies_and_holds_only_its_aggregate() {
     let db = TestDb::new(None).await;
     let broker = TestBroker::new().await;
     // Only payment.declined is routed: payment.refunded comes back unroutable.
-    let spec = probe(&["payment.declined"]);
-    broker.track(&spec);
-    let (_conn, channel) = broker.channel().await;
-    broker.topology.declare_consumer(&channel, &spec).await.unwrap();
+    let (_conn, channel) = probe(&broker, &["payment.declined"]).await;
 
     let (stuck, fine) = (Uuid::now_v7(), Uuid::now_v7());
     let refused = Envelope::new(
@@ -226,10 +226,7 @@ async fn retention_removes_only_what_it_should() {
 async fn zero_retention_deletes_rows_as_they_are_published() {
     let db = TestDb::new(None).await;
     let broker = TestBroker::new().await;
-    let spec = probe(&["#"]);
-    broker.track(&spec);
-    let (_conn, channel) = broker.channel().await;
-    broker.topology.declare_consumer(&channel, &spec).await.unwrap();
+    let (_conn, channel) = probe(&broker, &["#"]).await;
     write(&db.pool, (1..=5).map(|v| declined(Uuid::now_v7(), v)).collect()).await;
     let mut cfg = fast(&db, &broker);
     cfg.retention.published = Duration::ZERO;

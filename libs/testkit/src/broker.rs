@@ -1,7 +1,9 @@
 use std::sync::Mutex;
 
+use orderflow_broker::lapin::options::BasicPublishOptions;
 use orderflow_broker::lapin::{Channel, Connection};
-use orderflow_broker::{QueueSpec, Topology};
+use orderflow_broker::{QueueSpec, Topology, properties_for};
+use orderflow_envelope::Envelope;
 
 use crate::infra;
 
@@ -45,6 +47,23 @@ impl TestBroker {
         let conn = orderflow_broker::connect(&self.amqp_url, "test").await.expect("connect to test RabbitMQ");
         let channel = conn.create_channel().await.expect("channel");
         (conn, channel)
+    }
+
+    /// Publishes `env` on `channel` to the test's events exchange, routed by
+    /// its event type, as a service's relay would.
+    pub async fn publish(&self, channel: &Channel, env: &Envelope) {
+        channel
+            .basic_publish(
+                self.topology.events_exchange().as_str().into(),
+                env.event_type.as_str().into(),
+                BasicPublishOptions::default(),
+                &env.to_vec(),
+                properties_for(env),
+            )
+            .await
+            .expect("publish to test RabbitMQ")
+            .await
+            .expect("publisher confirm");
     }
 }
 

@@ -28,8 +28,8 @@ use tracing::{debug, info, warn};
 pub use lanes::{LANE_LOCK_CLASS, MEMBER_LOCK_CLASS};
 use publisher::{Confirm, Outcome, Publisher};
 
-use crate::PendingRow;
 use crate::writer::NOTIFY_CHANNEL;
+use crate::{PendingRow, backoff};
 
 /// How the relay behaves; see `outbox-relay run --help` for defaults.
 #[derive(Debug, Clone)]
@@ -108,8 +108,8 @@ pub enum RelayError {
 pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) {
     let mut db: Option<Db> = None;
     let mut broker: Option<Publisher> = None;
-    let mut db_backoff = Backoff::new(cfg.reconnect_max);
-    let mut broker_backoff = Backoff::new(cfg.reconnect_max);
+    let mut db_backoff = backoff::reconnect(cfg.reconnect_max);
+    let mut broker_backoff = backoff::reconnect(cfg.reconnect_max);
     info!(relay = %cfg.relay_id, exchange = %cfg.topology.events_exchange(), "relay starting");
     let sweeper = tokio::spawn(retention::run(cfg.database_url.clone(), cfg.retention, shutdown.child_token()));
 
@@ -118,12 +118,12 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) {
             Some(s) => s,
             None => match Db::open(&cfg).await {
                 Ok(s) => {
-                    db_backoff.reset();
+                    db_backoff = backoff::reconnect(cfg.reconnect_max);
                     db.insert(s)
                 }
                 Err(e) => {
                     metrics::counter!("outbox_relay_reconnects_total", "target" => "database").increment(1);
-                    let wait = db_backoff.next();
+                    let wait = db_backoff.next_wait();
                     warn!(error = %e, retry_in = ?wait, "database unavailable");
                     sleep_or_shutdown(wait, &shutdown).await;
                     continue;
@@ -136,14 +136,14 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) {
             Some(p) => p,
             None => match Publisher::open(&cfg).await {
                 Ok(p) => {
-                    broker_backoff.reset();
+                    broker_backoff = backoff::reconnect(cfg.reconnect_max);
                     metrics::gauge!("outbox_relay_broker_up").set(1.0);
                     broker.insert(p)
                 }
                 Err(e) => {
                     metrics::gauge!("outbox_relay_broker_up").set(0.0);
                     metrics::counter!("outbox_relay_reconnects_total", "target" => "broker").increment(1);
-                    let wait = broker_backoff.next();
+                    let wait = broker_backoff.next_wait();
                     warn!(error = %e, retry_in = ?wait, "broker unavailable, not claiming");
                     sleep_or_shutdown(wait, &shutdown).await;
                     continue;
@@ -161,42 +161,12 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) {
             Err(e) => {
                 warn!(error = %e, "database failed, reconnecting");
                 db = None;
-                sleep_or_shutdown(db_backoff.next(), &shutdown).await;
+                sleep_or_shutdown(db_backoff.next_wait(), &shutdown).await;
             }
         }
     }
     let _ = sweeper.await;
     info!(relay = %cfg.relay_id, "relay stopped");
-}
-
-/// Capped exponential backoff with jitter for reconnects.
-struct Backoff {
-    current: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-
-    fn new(max: Duration) -> Self {
-        Self { current: Self::FIRST, max }
-    }
-
-    fn reset(&mut self) {
-        self.current = Self::FIRST;
-    }
-
-    fn next(&mut self) -> Duration {
-        let wait = jitter(self.current);
-        self.current = (self.current * 2).min(self.max);
-        wait
-    }
-}
-
-/// `d` scaled by a random factor in [0.5, 1.5), so that many relays or rows
-/// failing together do not retry in lockstep.
-pub(crate) fn jitter(d: Duration) -> Duration {
-    d.mul_f64(0.5 + rand::random::<f64>())
 }
 
 async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) {

@@ -51,41 +51,45 @@ pub struct Swept {
 
 /// Deletes what retention allows, batch by batch.
 pub async fn sweep(conn: &mut Conn, retention: &Retention) -> diesel::QueryResult<Swept> {
-    let mut swept = Swept::default();
-    loop {
-        let n = diesel::sql_query(
+    Ok(Swept {
+        outbox: delete_in_batches(
+            conn,
             "DELETE FROM outbox WHERE id IN ( \
                  SELECT id FROM outbox \
                  WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1) \
                  ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            retention.published,
+            retention.batch,
         )
-        .bind::<Double, _>(retention.published.as_secs_f64())
-        .bind::<BigInt, _>(retention.batch)
-        .execute(conn)
-        .await?;
-        swept.outbox += n as u64;
-        if (n as i64) < retention.batch {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    loop {
-        let n = diesel::sql_query(
+        .await?,
+        inbox: delete_in_batches(
+            conn,
             "DELETE FROM inbox WHERE ctid IN ( \
                  SELECT ctid FROM inbox WHERE received_at < now() - make_interval(secs => $1) \
                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            retention.inbox,
+            retention.batch,
         )
-        .bind::<Double, _>(retention.inbox.as_secs_f64())
-        .bind::<BigInt, _>(retention.batch)
-        .execute(conn)
-        .await?;
-        swept.inbox += n as u64;
-        if (n as i64) < retention.batch {
-            break;
+        .await?,
+    })
+}
+
+/// Runs `delete` (`$1`: age in seconds, `$2`: batch size) until a batch comes
+/// back short, so no statement holds many row locks or a long transaction.
+async fn delete_in_batches(conn: &mut Conn, delete: &str, age: Duration, batch: i64) -> diesel::QueryResult<u64> {
+    let mut deleted = 0;
+    loop {
+        let n = diesel::sql_query(delete)
+            .bind::<Double, _>(age.as_secs_f64())
+            .bind::<BigInt, _>(batch)
+            .execute(conn)
+            .await?;
+        deleted += n as u64;
+        if (n as i64) < batch {
+            return Ok(deleted);
         }
         tokio::task::yield_now().await;
     }
-    Ok(swept)
 }
 
 /// Housekeeping on its own connection, so the relay's claims never wait

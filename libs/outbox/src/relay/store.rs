@@ -2,9 +2,10 @@ use diesel::sql_types::{Array, BigInt, Double, SmallInt, Text};
 use diesel_async::RunQueryDsl;
 use orderflow_db::Conn;
 
+use super::RelayConfig;
 use super::publisher::Outcome;
-use super::{RelayConfig, jitter};
 use crate::PendingRow;
+use crate::backoff::jitter;
 
 /// Claims up to `limit` due rows of `lanes`, in id order, locking them.
 ///
