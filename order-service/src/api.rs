@@ -18,6 +18,8 @@ use crate::store::{self, Cancelled, Created, ListQuery, Order, TimelineRow};
 pub struct AppState {
     /// Database pool.
     pub pool: Pool,
+    /// Wakes the relay after an order's events are committed.
+    pub waker: orderflow_outbox::Waker,
     /// Bounds on orders.
     pub limits: Limits,
     /// Maximum request body size, bytes.
@@ -131,6 +133,7 @@ pub async fn create_order(
         conn.transaction::<_, diesel::result::Error, _>(async |tx| store::create(tx, &new, &meta).await).await?;
     let order = match created {
         Created::New(o) => {
+            state.waker.wake();
             tracing::info!(order_id = %o.row.id, total = o.row.total_amount, "order accepted");
             o
         }
@@ -386,6 +389,7 @@ pub async fn cancel_order(
             Cancelled::NotFound => return Err(Problem::not_found(format!("no order {id}")).into()),
             Cancelled::Raced => continue,
             Cancelled::Now(o) => {
+                state.waker.wake();
                 tracing::info!(order_id = %id, "order cancelled");
                 o
             }

@@ -30,12 +30,15 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
     let pool =
         orderflow_db::open(&cfg.database_url, usize::from(cfg.db_pool_size), cfg.create_database, MIGRATIONS).await?;
 
-    let consumer_cfg = cfg.consumer.config(outcomes::CONSUMER, outcomes::BINDINGS);
+    let waker = orderflow_outbox::Waker::start(&cfg.database_url, shutdown.child_token());
+    let mut consumer_cfg = cfg.consumer.config(outcomes::CONSUMER, outcomes::BINDINGS);
+    consumer_cfg.waker = waker.clone();
     let readiness = Readiness::new(pool.clone(), vec![(outcomes::CONSUMER.to_owned(), consumer_cfg.connected.clone())]);
     let consumer = tokio::spawn(orderflow_consumer::run(consumer_cfg, pool.clone(), Outcomes, shutdown.child_token()));
 
     let state = AppState {
         pool,
+        waker,
         limits: Limits { max_items: usize::from(cfg.max_items), ..Limits::default() },
         max_body_bytes: cfg.max_body_bytes as usize,
     };

@@ -49,6 +49,7 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
         decline_seed: cfg.payment_decline_seed,
     };
     let breaker = Arc::new(CircuitBreaker::new(cfg.notify_breaker_threshold, cfg.notify_breaker_cooldown));
+    let waker = orderflow_outbox::Waker::start(&cfg.database_url, shutdown.child_token());
     let mut tasks = Vec::new();
     let mut connected = Vec::new();
     for stage in [Stage::Inventory, Stage::Payment, Stage::Shipping, Stage::Notification] {
@@ -58,7 +59,8 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
             Stage::Shipping => (shipping::CONSUMER, shipping::BINDINGS),
             Stage::Notification => (notification::CONSUMER, notification::BINDINGS),
         };
-        let consumer_cfg = cfg.consumer.config(consumer, bindings);
+        let mut consumer_cfg = cfg.consumer.config(consumer, bindings);
+        consumer_cfg.waker = waker.clone();
         let token = shutdown.child_token();
         if !cfg.stages.contains(&stage) {
             tasks.push(tokio::spawn(async move { orderflow_consumer::declare(&consumer_cfg, &token).await }));

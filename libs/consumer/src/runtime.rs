@@ -67,6 +67,9 @@ pub struct ConsumerConfig {
     pub handler_timeout: Duration,
     /// Larger messages are dead-lettered without being parsed.
     pub max_message_bytes: usize,
+    /// Woken after every commit that handled a message, so relays publish
+    /// what the handler appended (see [`orderflow_outbox::Waker`]).
+    pub waker: orderflow_outbox::Waker,
 }
 
 impl ConsumerConfig {
@@ -82,6 +85,7 @@ impl ConsumerConfig {
             connected: Arc::new(AtomicBool::new(false)),
             handler_timeout: Duration::from_secs(30),
             max_message_bytes: 1024 * 1024,
+            waker: orderflow_outbox::Waker::none(),
         }
     }
 }
@@ -296,7 +300,10 @@ async fn process<H: Handler>(ctx: &Ctx<H>, out: &Channel, delivery: Delivery, sh
             let failure = match handle_once(ctx, &env, &event).await {
                 Ok(applied) => {
                     let outcome = match applied {
-                        Applied::New => "handled",
+                        Applied::New => {
+                            ctx.cfg.waker.wake();
+                            "handled"
+                        }
                         Applied::Duplicate => "duplicate",
                     };
                     debug!(outcome, "message done");

@@ -1,6 +1,5 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::Text;
 use diesel_async::RunQueryDsl;
 use orderflow_db::Conn;
 use orderflow_db::schema::outbox;
@@ -27,9 +26,11 @@ struct NewRow<'a> {
     occurred_at: DateTime<Utc>,
 }
 
-/// Appends `events` to the outbox inside the caller's open transaction and
-/// notifies the relay. Nothing is published here: the rows become visible to
-/// the relay, and the notification is delivered, only if the caller commits.
+/// Appends `events` to the outbox inside the caller's open transaction.
+/// Nothing is published here: the rows become visible to the relay only if
+/// the caller commits. After the commit, the caller wakes the relay with
+/// [`crate::Waker::wake`] (no `NOTIFY` here: it would serialize every
+/// writer's commit on PostgreSQL's server-wide notify lock).
 pub async fn append(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
     if events.is_empty() {
         return Ok(());
@@ -50,9 +51,6 @@ pub async fn append(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
         })
         .collect::<Vec<_>>();
     diesel::insert_into(outbox::table).values(&rows).execute(conn).await?;
-    // One notification per transaction is enough: PostgreSQL folds
-    // identical notifications of a transaction into one.
-    diesel::sql_query("SELECT pg_notify($1, '')").bind::<Text, _>(NOTIFY_CHANNEL).execute(conn).await?;
     for e in events {
         metrics::counter!("outbox_appended_total", "event_type" => e.event_type.clone()).increment(1);
     }

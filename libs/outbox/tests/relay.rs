@@ -26,6 +26,7 @@ async fn write(pool: &Pool, events: Vec<Envelope>) {
     conn.transaction::<_, diesel::result::Error, _>(async |tx| orderflow_outbox::append(tx, &events).await)
         .await
         .unwrap();
+    orderflow_outbox::notify(conn).await.unwrap();
 }
 
 fn declined(order: Uuid, version: i64) -> Envelope {
