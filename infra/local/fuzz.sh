@@ -140,15 +140,27 @@ fuzz() {
   wait "$st_pid"
 }
 
-# JSON Schema cannot say "no two items share a SKU" (uniqueItems compares
-# whole items), so schemathesis would count an order repeating a SKU as valid
-# and expect it accepted; order-service rightly rejects it (400 naming the
-# duplicate). This hook teaches the generator that one rule, which the
-# schemas state in words: in cases meant to be valid, a repeated SKU is
-# renamed. Cases meant to be invalid are left alone, no failure is filtered,
-# and every check still runs on every case.
+# Two rules JSON Schema cannot state, which the schemas state in words:
+# - "no two items share a SKU" (uniqueItems compares whole items), so
+#   schemathesis would count an order repeating a SKU as valid and expect it
+#   accepted; order-service rightly rejects it (400 naming the duplicate);
+# - "at most 2 decimal places" for a price sent as a JSON number (multipleOf
+#   0.01 is judged in binary floating point, where 19.99 is no multiple of
+#   0.01), so a generated 0.5700000000000001 counts as valid and the server
+#   rightly refuses it (400: more than 2 decimal places).
+# This hook teaches the generator those two rules: in cases meant to be
+# valid, a repeated SKU is renamed and a numeric price is rounded to cents.
+# Cases meant to be invalid are left alone, no failure is filtered, and every
+# check still runs on every case.
 cat >"$WORK/orderflow_fuzz_hooks.py" <<'PY'
 import schemathesis
+
+
+def cents(price):
+    # bool is an int in Python: leave it to the server to refuse.
+    if isinstance(price, float):
+        return round(price, 2)
+    return price
 
 
 @schemathesis.hook
@@ -157,16 +169,24 @@ def map_case(context, case):
     meta = case.meta
     if (
         operation is None
-        or (operation.method.upper(), operation.path) != ("POST", "/orders")
         or meta is None
         or not meta.generation.mode.is_positive
         or not isinstance(case.body, dict)
-        or not isinstance(case.body.get("items"), list)
     ):
+        return case
+    route = (operation.method.upper(), operation.path)
+    if route == ("POST", "/products"):
+        if "price" in case.body:
+            case.body = {**case.body, "price": cents(case.body["price"])}
+        return case
+    if route != ("POST", "/orders") or not isinstance(case.body.get("items"), list):
         return case
     # A copy: the generator may share the drawn objects between cases.
     items = [dict(item) if isinstance(item, dict) else item for item in case.body["items"]]
     case.body = {**case.body, "items": items}
+    for item in items:
+        if isinstance(item, dict) and "price" in item:
+            item["price"] = cents(item["price"])
     taken = {item.get("sku") for item in items if isinstance(item, dict)}
     seen = set()
     for index, item in enumerate(items):

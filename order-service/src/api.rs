@@ -4,7 +4,7 @@ use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncConnection;
 use orderflow_db::{Conn, Pool};
-use orderflow_envelope::Metadata;
+use orderflow_envelope::{Metadata, Money};
 use orderflow_web::{ApiError, Problem, json_body};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -33,21 +33,23 @@ pub struct ItemView {
     pub sku: String,
     /// Units.
     pub quantity: i32,
-    /// Price of one unit, minor units.
-    pub price: i64,
+    /// Price of one unit, major units with 2 decimals.
+    #[schema(schema_with = orderflow_web::schema::money_output)]
+    pub price: Money,
 }
 
 /// An order as the API shows it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OrderView {
-    /// The order's id.
-    pub order_id: Uuid,
+    /// The order's id (the client's string, or the UUIDv7 the server made).
+    pub order_id: String,
     /// Who ordered.
     pub customer_id: String,
     /// pending, confirmed, failed or cancelled.
     pub status: OrderStatus,
-    /// Sum of the lines in minor units (cents).
-    pub total_amount: i64,
+    /// Sum of the lines, major units with 2 decimals (`1250.00`).
+    #[schema(schema_with = orderflow_web::schema::money_output)]
+    pub total_amount: Money,
     /// Optimistic concurrency version; grows by one per change.
     pub version: i64,
     /// Why the order failed.
@@ -73,7 +75,7 @@ impl From<Order> for OrderView {
             order_id: o.row.id,
             customer_id: o.row.customer_id,
             status,
-            total_amount: o.row.total_amount,
+            total_amount: Money::from_minor(o.row.total_amount),
             version: o.row.version,
             fail_reason: o.row.fail_reason,
             cancel_reason: o.row.cancel_reason,
@@ -82,11 +84,21 @@ impl From<Order> for OrderView {
             items: o
                 .items
                 .into_iter()
-                .map(|i| ItemView { sku: i.sku, quantity: i.quantity, price: i.unit_price })
+                .map(|i| ItemView { sku: i.sku, quantity: i.quantity, price: Money::from_minor(i.unit_price) })
                 .collect(),
             created_at: o.row.created_at,
             updated_at: o.row.updated_at,
         }
+    }
+}
+
+/// The `{id}` of a path, if it can be an order id at all.
+fn order_id(id: web::Path<String>) -> Result<String, Problem> {
+    let id = id.into_inner();
+    if orderflow_web::schema::valid_id(&id) {
+        Ok(id)
+    } else {
+        Err(Problem::invalid("id", "an order id is 1 to 64 characters of letters, digits, '.', '_', ':' or '-'"))
     }
 }
 
@@ -154,19 +166,19 @@ pub async fn create_order(
 /// Get an order.
 #[utoipa::path(
     tag = "orders",
-    params(("id" = Uuid, Path, description = "Order id")),
+    params(("id" = String, Path, description = "Order id: 1 to 64 of `A-Z a-z 0-9 . _ : -`", pattern = r"^[A-Za-z0-9._:-]{1,64}$")),
     responses(
         (status = 200, description = "The order", body = OrderView),
-        (status = 400, description = "Not a UUID", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Not an order id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[get("/orders/{id}", name = "GET /orders/{id}")]
-pub async fn get_order(id: web::Path<Uuid>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let id = id.into_inner();
+pub async fn get_order(id: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let id = order_id(id)?;
     let mut conn = state.pool.get().await?;
-    let order = store::get(&mut conn, id).await?.ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
+    let order = store::get(&mut conn, &id).await?.ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
     Ok(HttpResponse::Ok().json(OrderView::from(order)))
 }
 
@@ -184,7 +196,7 @@ pub struct ListParams {
     #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page: where the previous page ended.
-    #[param(pattern = r"^[0-9]{1,16}_[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
+    #[param(pattern = r"^[0-9]{1,16}_[A-Za-z0-9._:-]{1,64}$")]
     pub cursor: Option<String>,
 }
 
@@ -201,23 +213,22 @@ pub struct OrderPage {
 /// in microseconds since the epoch and its id, `<micros>_<uuid>`. Any
 /// position is a valid place to continue from, so the documented pattern
 /// says exactly which cursors are accepted.
-fn encode_cursor(ts: DateTime<Utc>, id: Uuid) -> String {
-    format!("{}_{}", ts.timestamp_micros(), id.hyphenated())
+fn encode_cursor(ts: DateTime<Utc>, id: &str) -> String {
+    format!("{}_{id}", ts.timestamp_micros())
 }
 
 /// The position a cursor names; `None` unless it has exactly the form
 /// [`encode_cursor`] writes (and the parameter's pattern states).
-fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
+fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, String)> {
+    // The time has no `_`; the id may.
     let (micros, id) = s.split_once('_')?;
     if micros.is_empty() || micros.len() > 16 || !micros.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    // `Uuid::parse_str` also takes the simple, braced and URN forms; the
-    // contract is the hyphenated one (36 characters) only.
-    if id.len() != 36 {
+    if !orderflow_web::schema::valid_id(id) {
         return None;
     }
-    Some((DateTime::from_timestamp_micros(micros.parse().ok()?)?, Uuid::parse_str(id).ok()?))
+    Some((DateTime::from_timestamp_micros(micros.parse().ok()?)?, id.to_owned()))
 }
 
 /// List orders, newest first, with cursor pagination.
@@ -253,7 +264,7 @@ pub async fn list_orders(params: web::Query<ListParams>, state: web::Data<AppSta
     let mut orders = store::list(&mut conn, &query).await?;
     let next_cursor = if orders.len() as i64 > limit {
         orders.truncate(limit as usize);
-        orders.last().map(|o| encode_cursor(o.row.created_at, o.row.id))
+        orders.last().map(|o| encode_cursor(o.row.created_at, &o.row.id))
     } else {
         None
     };
@@ -291,22 +302,22 @@ impl From<TimelineRow> for TimelineEntry {
 /// The order's timeline: every step, in order.
 #[utoipa::path(
     tag = "orders",
-    params(("id" = Uuid, Path, description = "Order id")),
+    params(("id" = String, Path, description = "Order id: 1 to 64 of `A-Z a-z 0-9 . _ : -`", pattern = r"^[A-Za-z0-9._:-]{1,64}$")),
     responses(
         (status = 200, description = "The timeline, oldest step first", body = Vec<TimelineEntry>),
-        (status = 400, description = "Not a UUID", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Not an order id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[get("/orders/{id}/events", name = "GET /orders/{id}/events")]
-pub async fn order_events(id: web::Path<Uuid>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let id = id.into_inner();
+pub async fn order_events(id: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let id = order_id(id)?;
     let mut conn = state.pool.get().await?;
-    if store::get(&mut conn, id).await?.is_none() {
+    if store::get(&mut conn, &id).await?.is_none() {
         return Err(Problem::not_found(format!("no order {id}")).into());
     }
-    let entries: Vec<TimelineEntry> = store::timeline(&mut conn, id).await?.into_iter().map(Into::into).collect();
+    let entries: Vec<TimelineEntry> = store::timeline(&mut conn, &id).await?.into_iter().map(Into::into).collect();
     Ok(HttpResponse::Ok().json(entries))
 }
 
@@ -337,11 +348,11 @@ pub struct CancelOrder {
 /// compensated, or the order was confirmed first and the cancel is refused.
 #[utoipa::path(
     tag = "orders",
-    params(("id" = Uuid, Path, description = "Order id")),
+    params(("id" = String, Path, description = "Order id: 1 to 64 of `A-Z a-z 0-9 . _ : -`", pattern = r"^[A-Za-z0-9._:-]{1,64}$")),
     request_body(content = Option<CancelOrder>, content_type = "application/json"),
     responses(
         (status = 200, description = "Cancelled (now or before)", body = OrderView),
-        (status = 400, description = "Not a UUID, or an invalid body; `errors` names the field", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Not an order id, or an invalid body; `errors` names the field", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already shipped (confirmed) or failed", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
@@ -352,11 +363,11 @@ pub struct CancelOrder {
 #[post("/orders/{id}/cancel", name = "POST /orders/{id}/cancel")]
 pub async fn cancel_order(
     req: HttpRequest,
-    id: web::Path<Uuid>,
+    id: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = id.into_inner();
+    let id = order_id(id)?;
     let has_body = req
         .headers()
         .get(actix_web::http::header::CONTENT_LENGTH)
@@ -382,7 +393,7 @@ pub async fn cancel_order(
     for _ in 0..5 {
         let outcome = conn
             .transaction::<_, diesel::result::Error, _>(async |tx| {
-                store::cancel(tx, id, reason.as_deref(), &meta).await
+                store::cancel(tx, &id, reason.as_deref(), &meta).await
             })
             .await?;
         let order = match outcome {
@@ -421,10 +432,14 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
         let ts = DateTime::from_timestamp_micros(1_763_700_000_123_456).unwrap();
-        let id = Uuid::now_v7();
-        assert_eq!(decode_cursor(&encode_cursor(ts, id)), Some((ts, id)));
-        let upper = format!("0001_{}", id.hyphenated().to_string().to_uppercase());
-        assert_eq!(decode_cursor(&upper), Some((DateTime::from_timestamp_micros(1).unwrap(), id)));
+        for id in [Uuid::now_v7().to_string(), "ord_001".to_owned(), "a:b.c-d".to_owned()] {
+            assert_eq!(decode_cursor(&encode_cursor(ts, &id)), Some((ts, id.clone())));
+        }
+        assert_eq!(
+            decode_cursor("0001_ord-1"),
+            Some((DateTime::from_timestamp_micros(1).unwrap(), "ord-1".to_owned()))
+        );
+        let id = "ord-1";
         for garbage in [
             "nope",
             "zzz",
@@ -434,8 +449,8 @@ mod tests {
             &format!("12345678901234567_{id}"),
             &format!("-1_{id}"),
             &format!("+1_{id}"),
-            &format!("1_{}", id.simple()),
-            &format!("1_{}", id.braced()),
+            "1_a b",
+            "1_{braced}",
             &format!("1_{id}\n"),
         ] {
             assert_eq!(decode_cursor(garbage), None, "{garbage:?}");

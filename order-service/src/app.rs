@@ -18,7 +18,7 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 #[openapi(
     info(
         title = "orderflow order-service",
-        description = "Create orders and follow them to confirmed, failed or cancelled. Money is in integer minor units (cents)."
+        description = "Create orders and follow them to confirmed, failed or cancelled. Money is a decimal amount in major units (19.99), at most 2 decimal places, read exactly."
     ),
     components(schemas(orderflow_web::Problem, orderflow_web::FieldError))
 )]

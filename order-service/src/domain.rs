@@ -4,8 +4,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
+use orderflow_envelope::Money;
 use orderflow_envelope::events::LineItem;
 use orderflow_web::FieldError;
+use orderflow_web::schema::valid_id;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
@@ -65,19 +67,22 @@ pub struct Limits {
     pub max_items: usize,
     /// Units per line.
     pub max_quantity: i64,
-    /// Price of one unit, minor units.
-    pub max_unit_price: i64,
+    /// Price of one unit.
+    pub max_unit_price: Money,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_items: 100, max_quantity: 10_000, max_unit_price: 100_000_000 }
+        Self { max_items: 100, max_quantity: 10_000, max_unit_price: Money::from_minor(100_000_000) }
     }
 }
 
-/// `POST /orders` body. Money is in integer minor units (cents): `"price":
-/// 1999` is 19.99. Unknown fields are rejected, so a typo such as
-/// `forcefail` is an error rather than silently ignored.
+/// `POST /orders` body, the shape the clients of the service this one
+/// replaced already send: `order_id` is the client's own string, money is a
+/// decimal amount in major units (`"price": 1200.0` is 1,200.00; `19.99`,
+/// `5` and `"19.99"` are fine, `19.999` is an error). Unknown fields are
+/// rejected, so a typo such as `forcefail` is an error rather than silently
+/// ignored.
 ///
 /// The schema states every rule [`validate`] enforces except that no SKU
 /// may appear twice, so that a body the schema admits is accepted and one it
@@ -85,10 +90,13 @@ impl Default for Limits {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrder {
-    /// Client-chosen id; repeating a POST with the same id and body returns
-    /// the stored order instead of creating another one.
+    /// Client-chosen id: 1 to 64 of `A-Z a-z 0-9 . _ : -` (`ord-001`, `123`,
+    /// a UUID). Repeating a POST with the same id and body returns the stored
+    /// order instead of creating another one. Absent: the server makes a
+    /// UUIDv7.
     #[serde(default)]
-    pub order_id: Option<Uuid>,
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,64}$")]
+    pub order_id: Option<String>,
     /// Who orders: 1 to 128 characters once leading and trailing white space
     /// is trimmed, without control characters.
     // The pattern is that rule spelled out: white space (Rust's
@@ -119,23 +127,24 @@ pub struct CreateItem {
     #[serde(deserialize_with = "orderflow_web::integer::i64")]
     #[schema(minimum = 1, maximum = 10_000)]
     pub quantity: i64,
-    /// Price of one unit in minor units (cents), 0 to 100000000.
-    #[serde(deserialize_with = "orderflow_web::integer::i64")]
-    #[schema(minimum = 0, maximum = 100_000_000)]
-    pub price: i64,
+    /// Price of one unit as the customer saw it, in major units (`19.99`).
+    /// Inventory checks it against the catalog; a different price fails the
+    /// order.
+    #[schema(schema_with = orderflow_web::schema::money_input)]
+    pub price: Money,
 }
 
 /// A validated new order, ready to store.
 #[derive(Debug, Clone)]
 pub struct NewOrder {
     /// Id (client's or a new UUIDv7).
-    pub id: Uuid,
+    pub id: String,
     /// Trimmed customer id.
     pub customer_id: String,
     /// Lines.
     pub items: Vec<LineItem>,
-    /// Sum of the lines, minor units.
-    pub total_amount: i64,
+    /// Sum of the lines.
+    pub total_amount: Money,
     /// See [`CreateOrder::force_fail`].
     pub force_fail: bool,
     /// Fingerprint of the request body (without the id).
@@ -146,6 +155,10 @@ pub struct NewOrder {
 pub fn validate(req: CreateOrder, limits: &Limits) -> Result<NewOrder, Vec<FieldError>> {
     let mut errors = Vec::new();
     let mut fault = |field: String, message: String| errors.push(FieldError { field, message });
+
+    if req.order_id.as_deref().is_some_and(|id| !valid_id(id)) {
+        fault("order_id".into(), "must be 1 to 64 characters of letters, digits, '.', '_', ':' or '-'".into());
+    }
 
     let customer_id = req.customer_id.trim().to_owned();
     if customer_id.is_empty() {
@@ -163,7 +176,7 @@ pub fn validate(req: CreateOrder, limits: &Limits) -> Result<NewOrder, Vec<Field
     }
 
     let mut seen: HashMap<&str, usize> = HashMap::new();
-    let mut total: i64 = 0;
+    let mut total = Money::ZERO;
     let mut items = Vec::with_capacity(req.items.len());
     for (i, item) in req.items.iter().enumerate() {
         let at = |f: &str| format!("items[{i}].{f}");
@@ -178,11 +191,16 @@ pub fn validate(req: CreateOrder, limits: &Limits) -> Result<NewOrder, Vec<Field
         if !(1..=limits.max_quantity).contains(&item.quantity) {
             fault(at("quantity"), format!("must be between 1 and {}", limits.max_quantity));
         }
-        if !(0..=limits.max_unit_price).contains(&item.price) {
-            fault(at("price"), format!("must be between 0 and {} (minor units, e.g. cents)", limits.max_unit_price));
+        if !(Money::ZERO..=limits.max_unit_price).contains(&item.price) {
+            fault(
+                at("price"),
+                format!("must be between 0 and {} (a decimal amount, e.g. 19.99)", limits.max_unit_price),
+            );
         }
         // Bounded above, so neither the product nor the sum can overflow.
-        total += item.quantity.clamp(0, limits.max_quantity) * item.price.clamp(0, limits.max_unit_price);
+        let line =
+            item.price.clamp(Money::ZERO, limits.max_unit_price).minor() * item.quantity.clamp(0, limits.max_quantity);
+        total = total.checked_add(Money::from_minor(line)).unwrap_or(total);
         items.push(LineItem {
             sku: item.sku.clone(),
             quantity: i32::try_from(item.quantity).unwrap_or(0),
@@ -194,7 +212,7 @@ pub fn validate(req: CreateOrder, limits: &Limits) -> Result<NewOrder, Vec<Field
     }
     let request_hash = fingerprint(&customer_id, &items, req.force_fail);
     Ok(NewOrder {
-        id: req.order_id.unwrap_or_else(Uuid::now_v7),
+        id: req.order_id.unwrap_or_else(|| Uuid::now_v7().to_string()),
         customer_id,
         items,
         total_amount: total,
@@ -220,7 +238,7 @@ mod tests {
             customer_id: "c-1".into(),
             items: items
                 .into_iter()
-                .map(|(sku, quantity, price)| CreateItem { sku: sku.into(), quantity, price })
+                .map(|(sku, quantity, price)| CreateItem { sku: sku.into(), quantity, price: Money::from_minor(price) })
                 .collect(),
             force_fail: false,
         }
@@ -229,7 +247,9 @@ mod tests {
     #[test]
     fn totals_are_exact_in_minor_units() {
         let order = validate(req(vec![("A", 3, 1999), ("B", 1, 1)]), &Limits::default()).unwrap();
-        assert_eq!(order.total_amount, 3 * 1999 + 1);
+        assert_eq!(order.total_amount, Money::from_minor(3 * 1999 + 1));
+        let order = validate(req(vec![("A", 1, 10), ("B", 1, 20)]), &Limits::default()).unwrap();
+        assert_eq!(order.total_amount.to_string(), "0.30");
     }
 
     #[test]
@@ -239,6 +259,9 @@ mod tests {
         let errors = validate(r, &Limits::default()).unwrap_err();
         let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["customer_id", "items[0].sku", "items[0].quantity", "items[0].price", "items[2].sku"]);
+        let mut r = req(vec![("A", 1, 1)]);
+        r.order_id = Some("ord 001".into());
+        assert_eq!(validate(r, &Limits::default()).unwrap_err()[0].field, "order_id");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use orderflow_consumer::{Handler, HandlerError, Incoming};
 use orderflow_db::Conn;
+use orderflow_envelope::Money;
 use orderflow_envelope::events::{Event, OrderConfirmed, OrderFailed};
 
 use crate::domain::OrderStatus;
@@ -47,9 +48,9 @@ impl Handler for Outcomes {
                     ..Change::default()
                 };
                 let event = OrderConfirmed {
-                    order_id,
+                    order_id: order_id.to_owned(),
                     customer_id: row.customer_id.clone(),
-                    total_amount: row.total_amount,
+                    total_amount: Money::from_minor(row.total_amount),
                     tracking_number: Some(e.tracking_number.clone()),
                 };
                 (change, Final::Confirmed(event))
@@ -96,6 +97,7 @@ fn final_status(f: &Final) -> &'static str {
 fn fail(row: &store::OrderRow, reason: &str) -> (Change, Final) {
     let change =
         Change { status: Some(OrderStatus::Failed), fail_reason: Some(reason.to_owned()), ..Change::default() };
-    let event = OrderFailed { order_id: row.id, customer_id: row.customer_id.clone(), reason: reason.to_owned() };
+    let event =
+        OrderFailed { order_id: row.id.clone(), customer_id: row.customer_id.clone(), reason: reason.to_owned() };
     (change, Final::Failed(event))
 }

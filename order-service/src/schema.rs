@@ -3,7 +3,7 @@
 
 diesel::table! {
     orders (id) {
-        id -> Uuid,
+        id -> Text,
         customer_id -> Text,
         status -> Text,
         total_amount -> Int8,
@@ -20,7 +20,7 @@ diesel::table! {
 
 diesel::table! {
     order_items (order_id, line_no) {
-        order_id -> Uuid,
+        order_id -> Text,
         line_no -> Int4,
         sku -> Text,
         quantity -> Int4,
@@ -31,7 +31,7 @@ diesel::table! {
 diesel::table! {
     order_timeline (id) {
         id -> Int8,
-        order_id -> Uuid,
+        order_id -> Text,
         event_type -> Text,
         message_id -> Uuid,
         occurred_at -> Timestamptz,

@@ -20,7 +20,7 @@ use crate::schema::{order_items, order_timeline, orders};
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = orders)]
 pub struct OrderRow {
-    pub id: Uuid,
+    pub id: String,
     pub customer_id: String,
     pub status: String,
     pub total_amount: i64,
@@ -45,7 +45,7 @@ impl OrderRow {
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = order_items)]
 pub struct ItemRow {
-    pub order_id: Uuid,
+    pub order_id: String,
     pub line_no: i32,
     pub sku: String,
     pub quantity: i32,
@@ -57,7 +57,7 @@ pub struct ItemRow {
 #[diesel(table_name = order_timeline)]
 pub struct TimelineRow {
     pub id: i64,
-    pub order_id: Uuid,
+    pub order_id: String,
     pub event_type: String,
     pub message_id: Uuid,
     pub occurred_at: DateTime<Utc>,
@@ -89,10 +89,10 @@ pub enum Created {
 pub async fn create(conn: &mut Conn, new: &NewOrder, meta: &Metadata) -> QueryResult<Created> {
     let inserted = diesel::insert_into(orders::table)
         .values((
-            orders::id.eq(new.id),
+            orders::id.eq(&new.id),
             orders::customer_id.eq(&new.customer_id),
             orders::status.eq(OrderStatus::Pending.as_str()),
-            orders::total_amount.eq(new.total_amount),
+            orders::total_amount.eq(new.total_amount.minor()),
             orders::force_fail.eq(new.force_fail),
             orders::request_hash.eq(&new.request_hash),
         ))
@@ -101,7 +101,7 @@ pub async fn create(conn: &mut Conn, new: &NewOrder, meta: &Metadata) -> QueryRe
         .execute(conn)
         .await?;
     if inserted == 0 {
-        let existing = get(conn, new.id).await?.ok_or(diesel::result::Error::NotFound)?;
+        let existing = get(conn, &new.id).await?.ok_or(diesel::result::Error::NotFound)?;
         return Ok(if existing.row.request_hash == new.request_hash {
             Created::Existing(existing)
         } else {
@@ -114,17 +114,17 @@ pub async fn create(conn: &mut Conn, new: &NewOrder, meta: &Metadata) -> QueryRe
         .enumerate()
         .map(|(i, item)| {
             (
-                order_items::order_id.eq(new.id),
+                order_items::order_id.eq(&new.id),
                 order_items::line_no.eq(i as i32),
                 order_items::sku.eq(&item.sku),
                 order_items::quantity.eq(item.quantity),
-                order_items::unit_price.eq(item.unit_price),
+                order_items::unit_price.eq(item.unit_price.minor()),
             )
         })
         .collect();
     diesel::insert_into(order_items::table).values(&lines).execute(conn).await?;
     let event = orderflow_envelope::events::OrderCreated {
-        order_id: new.id,
+        order_id: new.id.clone(),
         customer_id: new.customer_id.clone(),
         items: new.items.clone(),
         total_amount: new.total_amount,
@@ -132,7 +132,7 @@ pub async fn create(conn: &mut Conn, new: &NewOrder, meta: &Metadata) -> QueryRe
     };
     emit(conn, &event, 1, meta).await?;
     metrics::counter!("orders_created_total").increment(1);
-    let order = get(conn, new.id).await?.ok_or(diesel::result::Error::NotFound)?;
+    let order = get(conn, &new.id).await?.ok_or(diesel::result::Error::NotFound)?;
     Ok(Created::New(order))
 }
 
@@ -146,8 +146,7 @@ pub async fn emit<E: DomainEvent>(conn: &mut Conn, event: &E, version: i64, meta
 
 /// Adds an event to its order's timeline (once per message id).
 pub async fn record(conn: &mut Conn, env: &Envelope) -> QueryResult<()> {
-    let order_id: Uuid =
-        env.aggregate_id.parse().map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?;
+    let order_id = env.aggregate_id.as_str();
     let mut details = env.payload.clone();
     if let Some(obj) = details.as_object_mut() {
         obj.remove("order_id");
@@ -168,7 +167,7 @@ pub async fn record(conn: &mut Conn, env: &Envelope) -> QueryResult<()> {
 }
 
 /// Loads an order and its lines.
-pub async fn get(conn: &mut Conn, id: Uuid) -> QueryResult<Option<Order>> {
+pub async fn get(conn: &mut Conn, id: &str) -> QueryResult<Option<Order>> {
     let Some(row) = orders::table.find(id).select(OrderRow::as_select()).first(conn).await.optional()? else {
         return Ok(None);
     };
@@ -193,7 +192,7 @@ pub struct Change {
 
 /// Applies `change` if the order is still at version `expected`; returns
 /// false when someone else changed it first (the caller retries).
-pub async fn update(conn: &mut Conn, id: Uuid, expected: i64, change: Change) -> QueryResult<bool> {
+pub async fn update(conn: &mut Conn, id: &str, expected: i64, change: Change) -> QueryResult<bool> {
     let target = orders::table.filter(orders::id.eq(id)).filter(orders::version.eq(expected));
     let Change { status, fail_reason, cancel_reason, tracking_number } = change;
     let n = diesel::update(target)
@@ -227,7 +226,7 @@ pub enum Cancelled {
 
 /// Cancels a pending order with an optimistic version check, writing
 /// `order.cancelled` in the same transaction.
-pub async fn cancel(conn: &mut Conn, id: Uuid, reason: Option<&str>, meta: &Metadata) -> QueryResult<Cancelled> {
+pub async fn cancel(conn: &mut Conn, id: &str, reason: Option<&str>, meta: &Metadata) -> QueryResult<Cancelled> {
     let Some(order) = get(conn, id).await? else {
         return Ok(Cancelled::NotFound);
     };
@@ -242,7 +241,7 @@ pub async fn cancel(conn: &mut Conn, id: Uuid, reason: Option<&str>, meta: &Meta
         return Ok(Cancelled::Raced);
     }
     let event = orderflow_envelope::events::OrderCancelled {
-        order_id: id,
+        order_id: id.to_owned(),
         customer_id: order.row.customer_id.clone(),
         reason: reason.map(str::to_owned),
     };
@@ -258,7 +257,7 @@ pub struct ListQuery {
     pub status: Option<OrderStatus>,
     pub customer_id: Option<String>,
     /// Keyset cursor: strictly older than this (created_at, id).
-    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub after: Option<(DateTime<Utc>, String)>,
     pub limit: i64,
 }
 
@@ -271,27 +270,28 @@ pub async fn list(conn: &mut Conn, q: &ListQuery) -> QueryResult<Vec<Order>> {
     if let Some(customer) = &q.customer_id {
         query = query.filter(orders::customer_id.eq(customer.clone()));
     }
-    if let Some((ts, id)) = q.after {
+    if let Some((ts, id)) = &q.after {
+        let (ts, id) = (*ts, id.clone());
         query = query.filter(orders::created_at.lt(ts).or(orders::created_at.eq(ts).and(orders::id.lt(id))));
     }
     let rows: Vec<OrderRow> =
         query.order((orders::created_at.desc(), orders::id.desc())).limit(q.limit).load(conn).await?;
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let items: Vec<ItemRow> = order_items::table
         .filter(order_items::order_id.eq_any(&ids))
         .order((order_items::order_id, order_items::line_no))
         .select(ItemRow::as_select())
         .load(conn)
         .await?;
-    let mut by_order: HashMap<Uuid, Vec<ItemRow>> = HashMap::new();
+    let mut by_order: HashMap<String, Vec<ItemRow>> = HashMap::new();
     for item in items {
-        by_order.entry(item.order_id).or_default().push(item);
+        by_order.entry(item.order_id.clone()).or_default().push(item);
     }
     Ok(rows.into_iter().map(|row| Order { items: by_order.remove(&row.id).unwrap_or_default(), row }).collect())
 }
 
 /// The order's timeline, in the order things happened.
-pub async fn timeline(conn: &mut Conn, id: Uuid) -> QueryResult<Vec<TimelineRow>> {
+pub async fn timeline(conn: &mut Conn, id: &str) -> QueryResult<Vec<TimelineRow>> {
     order_timeline::table
         .filter(order_timeline::order_id.eq(id))
         .order((order_timeline::occurred_at, order_timeline::id))

@@ -48,7 +48,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 fn event() -> Envelope {
     let e = PaymentDeclined {
-        order_id: Uuid::now_v7(),
+        order_id: Uuid::now_v7().to_string(),
         reason: "payment declined: amount 120000 exceeds the limit of 100000".into(),
     };
     Envelope::new(&e, 1, &Metadata::default()).unwrap()

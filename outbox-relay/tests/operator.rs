@@ -8,7 +8,7 @@ use orderflow_broker::lapin::options::{BasicGetOptions, BasicPublishOptions};
 use orderflow_broker::lapin::types::{AMQPValue, FieldTable, LongString};
 use orderflow_broker::{header_i64, header_str, properties_for};
 use orderflow_envelope::events::PaymentRefunded;
-use orderflow_envelope::{Envelope, Metadata};
+use orderflow_envelope::{Envelope, Metadata, Money};
 use orderflow_testkit::{TestBroker, TestDb, eventually};
 use serde_json::Value;
 use uuid::Uuid;
@@ -22,7 +22,7 @@ async fn a_refused_message_dies_then_replay_brings_it_back_once_the_cause_is_fix
     let queue = probe(&broker, &channel, "probe", &["payment.declined"]).await;
     let (stuck, fine) = (Uuid::now_v7(), Uuid::now_v7());
     let refund = Envelope::new(
-        &PaymentRefunded { order_id: stuck, payment_id: Uuid::now_v7(), amount: 5 },
+        &PaymentRefunded { order_id: stuck.to_string(), payment_id: Uuid::now_v7(), amount: Money::from_minor(5) },
         1,
         &Metadata::default(),
     )

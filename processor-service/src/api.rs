@@ -11,7 +11,6 @@ use utoipa::{IntoParams, ToSchema};
 use std::sync::Arc;
 
 use serde::Serialize;
-use uuid::Uuid;
 
 use crate::catalog::{self, NewProduct, valid_sku};
 use crate::notification::{self, BreakerState, CircuitBreaker, Notification};
@@ -176,7 +175,8 @@ pub async fn set_stock(
 #[into_params(parameter_in = Query)]
 pub struct NotificationParams {
     /// Only this order's notifications.
-    pub order_id: Option<Uuid>,
+    #[param(pattern = r"^[A-Za-z0-9._:-]{1,64}$")]
+    pub order_id: Option<String>,
     /// At most this many, newest first (1 to 500, default 100).
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
@@ -201,8 +201,15 @@ pub async fn list_notifications(
     if !(1..=500).contains(&limit) {
         return Err(Problem::invalid("query.limit", "must be between 1 and 500").into());
     }
+    if params.order_id.as_deref().is_some_and(|id| !orderflow_web::schema::valid_id(id)) {
+        return Err(Problem::invalid(
+            "query.order_id",
+            "an order id is 1 to 64 characters of letters, digits, '.', '_', ':' or '-'",
+        )
+        .into());
+    }
     let mut conn = state.pool.get().await?;
-    Ok(HttpResponse::Ok().json(notification::list(&mut conn, params.order_id, limit).await?))
+    Ok(HttpResponse::Ok().json(notification::list(&mut conn, params.order_id.as_deref(), limit).await?))
 }
 
 /// Delivery state of the notification webhook.

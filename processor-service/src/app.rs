@@ -23,7 +23,7 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 #[openapi(
     info(
         title = "orderflow processor-service",
-        description = "Products and stock of the inventory stage. Money is in integer minor units (cents)."
+        description = "Products and stock of the inventory stage. Money is a decimal amount in major units (19.99), at most 2 decimal places, read exactly."
     ),
     components(schemas(orderflow_web::Problem, orderflow_web::FieldError))
 )]

@@ -3,6 +3,7 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use orderflow_db::Conn;
+use orderflow_envelope::Money;
 use orderflow_web::FieldError;
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -11,11 +12,16 @@ use crate::schema::products;
 
 /// The catalog seeded when `PRODUCT_CATALOG` is not set.
 pub const DEMO_CATALOG: &str = r#"[
-  {"sku": "SKU-1", "name": "Espresso beans 1kg", "price": 2499, "on_hand": 100},
-  {"sku": "SKU-2", "name": "Ceramic mug", "price": 1299, "on_hand": 250},
-  {"sku": "SKU-3", "name": "Pour-over kettle", "price": 5999, "on_hand": 40},
-  {"sku": "SKU-4", "name": "Paper filters x100", "price": 499, "on_hand": 500}
+  {"sku": "SKU-1", "name": "Espresso beans 1kg", "price": 24.99, "on_hand": 100},
+  {"sku": "SKU-2", "name": "Ceramic mug", "price": 12.99, "on_hand": 250},
+  {"sku": "SKU-3", "name": "Pour-over kettle", "price": 59.99, "on_hand": 40},
+  {"sku": "SKU-4", "name": "Paper filters x100", "price": 4.99, "on_hand": 500},
+  {"sku": "laptop", "name": "Laptop", "price": 1200.00, "on_hand": 50},
+  {"sku": "mouse", "name": "Mouse", "price": 25.00, "on_hand": 200}
 ]"#;
+
+/// Highest unit price a product may have.
+pub const MAX_PRICE: Money = Money::from_minor(100_000_000);
 
 /// Whether `sku` is 1 to 64 letters, digits, `.`, `_` or `-` (the pattern
 /// `^[A-Za-z0-9._-]{1,64}$` of the schemas).
@@ -42,10 +48,10 @@ pub struct NewProduct {
         pattern = r"^[^\u0000]*[^\u0000\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
     )]
     pub name: String,
-    /// Unit price in minor units (cents), 0 to 100000000.
-    #[serde(deserialize_with = "orderflow_web::integer::i64")]
-    #[schema(minimum = 0, maximum = 100_000_000)]
-    pub price: i64,
+    /// Unit price in major units (`24.99`), 0 to 1000000.00, at most 2
+    /// decimal places.
+    #[schema(schema_with = orderflow_web::schema::money_input)]
+    pub price: Money,
     /// Units on hand at creation, 0 to 1000000000.
     #[serde(deserialize_with = "orderflow_web::integer::i32")]
     #[schema(minimum = 0, maximum = 1_000_000_000)]
@@ -68,10 +74,10 @@ impl NewProduct {
             // PostgreSQL's text cannot hold NUL.
             errors.push(FieldError { field: format!("{at}name"), message: "must not contain NUL characters".into() });
         }
-        if !(0..=100_000_000).contains(&self.price) {
+        if !(Money::ZERO..=MAX_PRICE).contains(&self.price) {
             errors.push(FieldError {
                 field: format!("{at}price"),
-                message: "must be between 0 and 100000000 (minor units)".into(),
+                message: format!("must be between 0 and {MAX_PRICE} (a decimal amount, e.g. 24.99)"),
             });
         }
         if !(0..=1_000_000_000).contains(&self.on_hand) {
@@ -105,7 +111,7 @@ pub async fn insert(conn: &mut Conn, p: &NewProduct) -> QueryResult<bool> {
         .values((
             products::sku.eq(&p.sku),
             products::name.eq(p.name.trim()),
-            products::price.eq(p.price),
+            products::price.eq(p.price.minor()),
             products::on_hand.eq(p.on_hand),
             products::received.eq(i64::from(p.on_hand)),
         ))
@@ -134,14 +140,16 @@ mod tests {
 
     #[test]
     fn every_bad_field_is_named_and_whole_numbers_are_integers() {
-        let products = parse_catalog(r#"[{"sku": "A-1", "name": " Mug ", "price": 1299.0, "on_hand": 5e1}]"#).unwrap();
-        assert_eq!((products[0].price, products[0].on_hand), (1299, 50));
+        let products = parse_catalog(r#"[{"sku": "A-1", "name": " Mug ", "price": 12.99, "on_hand": 5e1}]"#).unwrap();
+        assert_eq!((products[0].price, products[0].on_hand), (Money::from_minor(1299), 50));
+        let products = parse_catalog(r#"[{"sku": "A-1", "name": "Mug", "price": "1200.0", "on_hand": 1}]"#).unwrap();
+        assert_eq!(products[0].price, Money::from_minor(120_000));
         let err = parse_catalog(r#"[{"sku": "a b", "name": "x\u0000", "price": -1, "on_hand": 1}]"#).unwrap_err();
         assert!(
             err.contains("[0].sku") && err.contains("[0].name: must not contain NUL") && err.contains("[0].price"),
             "{err}"
         );
-        assert!(parse_catalog(r#"[{"sku": "A", "name": "x", "price": 19.99, "on_hand": 1}]"#).is_err());
+        assert!(parse_catalog(r#"[{"sku": "A", "name": "x", "price": 19.999, "on_hand": 1}]"#).is_err());
         assert!(valid_sku("SKU-1.a_b") && !valid_sku("") && !valid_sku(&"x".repeat(65)) && !valid_sku("ä"));
     }
 }

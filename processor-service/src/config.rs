@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use orderflow_consumer::ConsumerArgs;
+use orderflow_envelope::Money;
 use orderflow_telemetry::LogArgs;
 
 use crate::catalog::{DEMO_CATALOG, NewProduct, parse_catalog};
@@ -36,9 +37,10 @@ pub struct Config {
     /// Orders with any of these SKUs are declined by payment (comma-separated).
     #[arg(long, env = "PAYMENT_BLOCKED_SKUS", value_delimiter = ',', default_value = "")]
     pub payment_blocked_skus: Vec<String>,
-    /// Orders above this amount (minor units) are declined by payment.
-    #[arg(long, env = "PAYMENT_AMOUNT_LIMIT", default_value_t = 1_000_000, value_parser = clap::value_parser!(i64).range(0..))]
-    pub payment_amount_limit: i64,
+    /// Orders above this amount are declined by payment: a decimal amount
+    /// in major units, e.g. `10000` or `2500.50`.
+    #[arg(long, env = "PAYMENT_AMOUNT_LIMIT", default_value = "10000.00", value_parser = parse_amount)]
+    pub payment_amount_limit: Money,
     /// Share of other orders declined at random (0.0 to 1.0).
     #[arg(long, env = "PAYMENT_DECLINE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
     pub payment_decline_rate: f64,
@@ -114,6 +116,14 @@ fn parse_catalog_arg(s: &str) -> Result<Catalog, String> {
     parse_catalog(s).map(Catalog)
 }
 
+fn parse_amount(s: &str) -> Result<Money, String> {
+    match Money::parse(s) {
+        Ok(m) if m >= Money::ZERO => Ok(m),
+        Ok(_) => Err("expected an amount of 0 or more, e.g. 10000 or 2500.50".into()),
+        Err(e) => Err(format!("expected a decimal amount in major units, e.g. 10000 or 2500.50: {e}")),
+    }
+}
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
@@ -132,7 +142,8 @@ mod tests {
     fn defaults_parse_and_seed_the_demo_catalog() {
         Config::command().debug_assert();
         let cfg = Config::try_parse_from(["processor-service"]).unwrap();
-        assert_eq!(cfg.catalog.0.len(), 4);
+        assert_eq!(cfg.catalog.0.len(), 6);
+        assert_eq!(cfg.payment_amount_limit, Money::from_minor(1_000_000));
         assert_eq!(cfg.payment_decline_rate, 0.0);
         assert_eq!(cfg.stages, [Stage::Inventory, Stage::Payment, Stage::Shipping, Stage::Notification]);
         assert!(cfg.notify_webhook_url.is_none());
@@ -140,6 +151,10 @@ mod tests {
 
     #[test]
     fn bad_values_fail_with_what_and_how() {
+        let err = Config::try_parse_from(["processor-service", "--payment-amount-limit", "10.001"]).unwrap_err();
+        assert!(err.to_string().contains("at most 2 decimal places"), "{err}");
+        let cfg = Config::try_parse_from(["processor-service", "--payment-amount-limit", "2500.50"]).unwrap();
+        assert_eq!(cfg.payment_amount_limit, Money::from_minor(250_050));
         let err = Config::try_parse_from(["processor-service", "--payment-decline-rate", "2"]).unwrap_err();
         assert!(err.to_string().contains("0.0 to 1.0"), "{err}");
         let err = Config::try_parse_from(["processor-service", "--catalog", r#"[{"sku":""}]"#]).unwrap_err();

@@ -3,10 +3,9 @@
 
 use orderflow_consumer::{Handler, HandlerError, Incoming};
 use orderflow_db::Conn;
-use orderflow_envelope::Metadata;
 use orderflow_envelope::events::{Event, InventoryRejected, InventoryReleased, InventoryReserved, OrderCreated};
+use orderflow_envelope::{Metadata, Money};
 use orderflow_outbox::emit;
-use uuid::Uuid;
 
 use crate::store::{self, Move};
 
@@ -25,9 +24,9 @@ impl Handler for Inventory {
         match msg.event {
             Event::OrderCreated(e) => reserve(conn, e, &meta).await,
             Event::PaymentDeclined(e) => {
-                release(conn, e.order_id, &format!("payment declined: {}", e.reason), &meta).await
+                release(conn, &e.order_id, &format!("payment declined: {}", e.reason), &meta).await
             }
-            Event::OrderCancelled(e) => cancel(conn, e.order_id, &meta).await,
+            Event::OrderCancelled(e) => cancel(conn, &e.order_id, &meta).await,
             other => Err(HandlerError::Permanent(format!("inventory does not consume {}", other.event_type()))),
         }
     }
@@ -37,7 +36,7 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
     if e.items.is_empty() || e.items.iter().any(|i| i.quantity <= 0) {
         return Err(HandlerError::Permanent(format!("order {} has no items or a non-positive quantity", e.order_id)));
     }
-    let (existing, created) = store::claim_reservation(conn, e.order_id, "pending").await?;
+    let (existing, created) = store::claim_reservation(conn, &e.order_id, "pending").await?;
     if !created {
         // Decided before, or cancelled before it arrived (a tombstone).
         tracing::info!(order_id = %e.order_id, status = %existing.status, "order already seen by inventory");
@@ -45,16 +44,43 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
     }
     let skus: Vec<&str> = e.items.iter().map(|i| i.sku.as_str()).collect();
     let products = store::lock_products(conn, &skus).await?;
-    let shortfall = e.items.iter().find_map(|i| match products.get(&i.sku) {
+    // The catalog prices the order: the price on each line is what the
+    // customer saw, and it must still be the product's price. A line priced
+    // otherwise (tampered with, or the price changed since) fails the order
+    // before anything is reserved or charged.
+    let refusal = e.items.iter().find_map(|i| match products.get(&i.sku) {
         None => Some(format!("unknown SKU {}", i.sku)),
+        Some(p) if Money::from_minor(p.price) != i.unit_price => Some(format!(
+            "price mismatch for {}: order says {}, catalog says {}",
+            i.sku,
+            i.unit_price,
+            Money::from_minor(p.price)
+        )),
         Some(p) if p.on_hand < i.quantity => {
             Some(format!("insufficient stock for {}: requested {}, available {}", i.sku, i.quantity, p.on_hand))
         }
         Some(_) => None,
     });
-    if let Some(reason) = shortfall {
-        store::set_reservation(conn, e.order_id, "rejected", Some(&e.items), Some(&reason)).await?;
-        emit(conn, &InventoryRejected { order_id: e.order_id, reason }, 1, meta).await?;
+    if let Some(reason) = refusal {
+        let outcome = if reason.starts_with("price mismatch") { "price_mismatch" } else { "rejected" };
+        store::set_reservation(conn, &e.order_id, "rejected", Some(&e.items), Some(&reason)).await?;
+        emit(conn, &InventoryRejected { order_id: e.order_id.clone(), reason }, 1, meta).await?;
+        metrics::counter!("inventory_reservations_total", "outcome" => outcome).increment(1);
+        return Ok(());
+    }
+    // What payment charges: the catalog's prices, never the caller's total.
+    let verified: Option<Money> = e.items.iter().try_fold(Money::ZERO, |sum, i| {
+        let price = Money::from_minor(products.get(&i.sku)?.price);
+        sum.checked_add(price.checked_mul(i64::from(i.quantity))?)
+    });
+    let Some(total_amount) = verified else {
+        return Err(HandlerError::Permanent(format!("order {}: total out of range", e.order_id)));
+    };
+    if total_amount != e.total_amount {
+        // Every line matched the catalog, so only the stated total is off.
+        let reason = format!("total mismatch: order says {}, its lines sum to {}", e.total_amount, total_amount);
+        store::set_reservation(conn, &e.order_id, "rejected", Some(&e.items), Some(&reason)).await?;
+        emit(conn, &InventoryRejected { order_id: e.order_id.clone(), reason }, 1, meta).await?;
         metrics::counter!("inventory_reservations_total", "outcome" => "rejected").increment(1);
         return Ok(());
     }
@@ -62,12 +88,12 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
         // The rows are locked and were checked: a miss means a bug, not a race.
         return Err(HandlerError::Permanent(format!("stock of {sku} changed under a lock while reserving")));
     }
-    store::set_reservation(conn, e.order_id, "reserved", Some(&e.items), None).await?;
+    store::set_reservation(conn, &e.order_id, "reserved", Some(&e.items), None).await?;
     let reserved = InventoryReserved {
-        order_id: e.order_id,
+        order_id: e.order_id.clone(),
         customer_id: e.customer_id.clone(),
         items: e.items.clone(),
-        total_amount: e.total_amount,
+        total_amount,
         force_fail: e.force_fail,
     };
     emit(conn, &reserved, 1, meta).await?;
@@ -76,7 +102,7 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
 }
 
 /// Gives reserved stock back (payment declined).
-async fn release(conn: &mut Conn, order_id: Uuid, reason: &str, meta: &Metadata) -> Result<(), HandlerError> {
+async fn release(conn: &mut Conn, order_id: &str, reason: &str, meta: &Metadata) -> Result<(), HandlerError> {
     let Some(reservation) = store::lock_reservation(conn, order_id).await? else {
         tracing::warn!(%order_id, "nothing reserved for this order, nothing to release");
         return Ok(());
@@ -84,12 +110,13 @@ async fn release(conn: &mut Conn, order_id: Uuid, reason: &str, meta: &Metadata)
     if reservation.status != "reserved" {
         return Ok(());
     }
-    let lines = reservation.lines();
+    let lines = reservation.lines()?;
     if let Some(sku) = store::move_stock(conn, &lines, Move::Release).await? {
         return Err(HandlerError::Permanent(format!("bookkeeping: reserved units of {sku} are missing")));
     }
     store::set_reservation(conn, order_id, "released", None, Some(reason)).await?;
-    emit(conn, &InventoryReleased { order_id, items: lines, reason: reason.to_owned() }, 2, meta).await?;
+    let event = InventoryReleased { order_id: order_id.to_owned(), items: lines, reason: reason.to_owned() };
+    emit(conn, &event, 2, meta).await?;
     metrics::counter!("inventory_releases_total").increment(1);
     Ok(())
 }
@@ -97,7 +124,7 @@ async fn release(conn: &mut Conn, order_id: Uuid, reason: &str, meta: &Metadata)
 /// Compensates a cancelled order: releases reserved stock, or takes back
 /// shipped stock and voids the shipment; before the order arrived, leaves a
 /// tombstone so it reserves nothing later.
-async fn cancel(conn: &mut Conn, order_id: Uuid, meta: &Metadata) -> Result<(), HandlerError> {
+async fn cancel(conn: &mut Conn, order_id: &str, meta: &Metadata) -> Result<(), HandlerError> {
     let (reservation, created) = store::claim_reservation(conn, order_id, "cancelled").await?;
     if created {
         tracing::info!(%order_id, "cancelled before inventory saw the order");
@@ -106,14 +133,15 @@ async fn cancel(conn: &mut Conn, order_id: Uuid, meta: &Metadata) -> Result<(), 
     match reservation.status.as_str() {
         "reserved" => release(conn, order_id, "order cancelled", meta).await,
         "shipped" => {
-            let lines = reservation.lines();
+            let lines = reservation.lines()?;
             store::void_shipment(conn, order_id).await?;
             if let Some(sku) = store::move_stock(conn, &lines, Move::Return).await? {
                 return Err(HandlerError::Permanent(format!("bookkeeping: shipped units of {sku} are missing")));
             }
             let reason = "order cancelled after shipping; shipment voided";
             store::set_reservation(conn, order_id, "released", None, Some(reason)).await?;
-            emit(conn, &InventoryReleased { order_id, items: lines, reason: reason.to_owned() }, 2, meta).await?;
+            let event = InventoryReleased { order_id: order_id.to_owned(), items: lines, reason: reason.to_owned() };
+            emit(conn, &event, 2, meta).await?;
             metrics::counter!("inventory_releases_total").increment(1);
             Ok(())
         }

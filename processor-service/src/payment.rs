@@ -5,11 +5,10 @@ use std::collections::HashSet;
 
 use orderflow_consumer::{Handler, HandlerError, Incoming};
 use orderflow_db::Conn;
-use orderflow_envelope::Metadata;
 use orderflow_envelope::events::{Event, InventoryReserved, PaymentAuthorized, PaymentDeclined, PaymentRefunded};
+use orderflow_envelope::{Metadata, Money};
 use orderflow_outbox::emit;
 use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
 use crate::store;
 
@@ -23,8 +22,8 @@ pub const BINDINGS: &[&str] = &["inventory.reserved", "order.cancelled"];
 pub struct PaymentRules {
     /// Orders containing any of these SKUs are declined.
     pub blocked_skus: HashSet<String>,
-    /// Orders above this amount (minor units) are declined.
-    pub amount_limit: i64,
+    /// Orders above this amount are declined.
+    pub amount_limit: Money,
     /// Share of other orders declined at random, 0.0 to 1.0.
     pub decline_rate: f64,
     /// Seed of the random declines: the same seed and order id always give
@@ -47,7 +46,7 @@ impl PaymentRules {
                 order.total_amount, self.amount_limit
             ));
         }
-        if self.decline_rate > 0.0 && unit_draw(self.decline_seed, order.order_id) < self.decline_rate {
+        if self.decline_rate > 0.0 && unit_draw(self.decline_seed, &order.order_id) < self.decline_rate {
             return Err("payment declined: card declined by issuer".into());
         }
         Ok(())
@@ -55,7 +54,7 @@ impl PaymentRules {
 }
 
 /// A number in [0, 1) fixed by the seed and the order id.
-fn unit_draw(seed: u64, order_id: Uuid) -> f64 {
+fn unit_draw(seed: u64, order_id: &str) -> f64 {
     let digest = Sha256::new().chain_update(seed.to_be_bytes()).chain_update(order_id.as_bytes()).finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
@@ -74,7 +73,7 @@ impl Handler for Payments {
         let meta = msg.meta();
         match msg.event {
             Event::InventoryReserved(e) => self.charge(conn, e, &meta).await,
-            Event::OrderCancelled(e) => refund(conn, e.order_id, &meta).await,
+            Event::OrderCancelled(e) => refund(conn, &e.order_id, &meta).await,
             other => Err(HandlerError::Permanent(format!("payment does not consume {}", other.event_type()))),
         }
     }
@@ -82,10 +81,10 @@ impl Handler for Payments {
 
 impl Payments {
     async fn charge(&self, conn: &mut Conn, e: &InventoryReserved, meta: &Metadata) -> Result<(), HandlerError> {
-        if e.total_amount < 0 {
+        if e.total_amount < Money::ZERO {
             return Err(HandlerError::Permanent(format!("negative amount {}", e.total_amount)));
         }
-        let (payment, created) = store::claim_payment(conn, e.order_id, "pending", e.total_amount).await?;
+        let (payment, created) = store::claim_payment(conn, &e.order_id, "pending", e.total_amount.minor()).await?;
         if !created {
             // Charged (or declined) before, or cancelled first: never twice.
             tracing::info!(order_id = %e.order_id, status = %payment.status, "payment already decided");
@@ -93,9 +92,9 @@ impl Payments {
         }
         match self.rules.decide(e) {
             Ok(()) => {
-                store::set_payment(conn, e.order_id, "authorized", None).await?;
+                store::set_payment(conn, &e.order_id, "authorized", None).await?;
                 let event = PaymentAuthorized {
-                    order_id: e.order_id,
+                    order_id: e.order_id.clone(),
                     payment_id: payment.payment_id,
                     amount: e.total_amount,
                     customer_id: Some(e.customer_id.clone()),
@@ -104,8 +103,8 @@ impl Payments {
                 metrics::counter!("payments_total", "outcome" => "authorized").increment(1);
             }
             Err(reason) => {
-                store::set_payment(conn, e.order_id, "declined", Some(&reason)).await?;
-                emit(conn, &PaymentDeclined { order_id: e.order_id, reason }, 1, meta).await?;
+                store::set_payment(conn, &e.order_id, "declined", Some(&reason)).await?;
+                emit(conn, &PaymentDeclined { order_id: e.order_id.clone(), reason }, 1, meta).await?;
                 metrics::counter!("payments_total", "outcome" => "declined").increment(1);
             }
         }
@@ -115,13 +114,17 @@ impl Payments {
 
 /// Refunds an authorized payment of a cancelled order; before any payment,
 /// leaves a tombstone so the order is never charged.
-async fn refund(conn: &mut Conn, order_id: Uuid, meta: &Metadata) -> Result<(), HandlerError> {
+async fn refund(conn: &mut Conn, order_id: &str, meta: &Metadata) -> Result<(), HandlerError> {
     let (payment, created) = store::claim_payment(conn, order_id, "cancelled", 0).await?;
     if created || payment.status != "authorized" {
         return Ok(());
     }
     store::set_payment(conn, order_id, "refunded", Some("order cancelled")).await?;
-    let event = PaymentRefunded { order_id, payment_id: payment.payment_id, amount: payment.amount };
+    let event = PaymentRefunded {
+        order_id: order_id.to_owned(),
+        payment_id: payment.payment_id,
+        amount: Money::from_minor(payment.amount),
+    };
     emit(conn, &event, 2, meta).await?;
     metrics::counter!("payments_total", "outcome" => "refunded").increment(1);
     Ok(())
@@ -131,11 +134,12 @@ async fn refund(conn: &mut Conn, order_id: Uuid, meta: &Metadata) -> Result<(), 
 mod tests {
     use super::*;
     use orderflow_envelope::events::LineItem;
+    use uuid::Uuid;
 
     fn rules() -> PaymentRules {
         PaymentRules {
             blocked_skus: ["BAD".to_owned()].into(),
-            amount_limit: 10_000,
+            amount_limit: Money::from_minor(10_000),
             decline_rate: 0.0,
             decline_seed: 7,
         }
@@ -143,10 +147,10 @@ mod tests {
 
     fn order(sku: &str, total: i64, force_fail: bool) -> InventoryReserved {
         InventoryReserved {
-            order_id: Uuid::now_v7(),
+            order_id: Uuid::now_v7().to_string(),
             customer_id: "c".into(),
-            items: vec![LineItem { sku: sku.into(), quantity: 1, unit_price: total }],
-            total_amount: total,
+            items: vec![LineItem { sku: sku.into(), quantity: 1, unit_price: Money::from_minor(total) }],
+            total_amount: Money::from_minor(total),
             force_fail,
         }
     }

@@ -16,7 +16,7 @@ diesel::table! {
 
 diesel::table! {
     reservations (order_id) {
-        order_id -> Uuid,
+        order_id -> Text,
         status -> Text,
         items -> Jsonb,
         reason -> Nullable<Text>,
@@ -27,7 +27,7 @@ diesel::table! {
 
 diesel::table! {
     payments (order_id) {
-        order_id -> Uuid,
+        order_id -> Text,
         payment_id -> Uuid,
         amount -> Int8,
         status -> Text,
@@ -39,7 +39,7 @@ diesel::table! {
 
 diesel::table! {
     shipments (order_id) {
-        order_id -> Uuid,
+        order_id -> Text,
         shipment_id -> Uuid,
         tracking_number -> Text,
         status -> Text,
@@ -51,7 +51,7 @@ diesel::table! {
 diesel::table! {
     notifications (id) {
         id -> Uuid,
-        order_id -> Uuid,
+        order_id -> Text,
         customer_id -> Text,
         kind -> Text,
         text -> Text,

@@ -29,7 +29,7 @@ impl Handler for Shipping {
 async fn ship(conn: &mut Conn, e: &PaymentAuthorized, meta: &Metadata) -> Result<(), HandlerError> {
     // Lock order (reservation, payment, shipment, products) is the same in
     // every stage, so a cancel racing this handler waits, never deadlocks.
-    let Some(reservation) = store::lock_reservation(conn, e.order_id).await? else {
+    let Some(reservation) = store::lock_reservation(conn, &e.order_id).await? else {
         return Err(HandlerError::Permanent(format!("order {} was paid but never reserved", e.order_id)));
     };
     if reservation.status != "reserved" {
@@ -37,23 +37,23 @@ async fn ship(conn: &mut Conn, e: &PaymentAuthorized, meta: &Metadata) -> Result
         tracing::info!(order_id = %e.order_id, status = %reservation.status, "not shipping");
         return Ok(());
     }
-    match store::lock_payment(conn, e.order_id).await? {
+    match store::lock_payment(conn, &e.order_id).await? {
         Some(p) if p.status == "authorized" => {}
         other => {
             tracing::info!(order_id = %e.order_id, payment = ?other.map(|p| p.status), "payment no longer authorized, not shipping");
             return Ok(());
         }
     }
-    let Some(shipment) = store::create_shipment(conn, e.order_id).await? else {
+    let Some(shipment) = store::create_shipment(conn, &e.order_id).await? else {
         return Ok(());
     };
-    let lines = reservation.lines();
+    let lines = reservation.lines()?;
     if let Some(sku) = store::move_stock(conn, &lines, Move::Ship).await? {
         return Err(HandlerError::Permanent(format!("bookkeeping: reserved units of {sku} are missing")));
     }
-    store::set_reservation(conn, e.order_id, "shipped", None, None).await?;
+    store::set_reservation(conn, &e.order_id, "shipped", None, None).await?;
     let event = ShipmentCreated {
-        order_id: e.order_id,
+        order_id: e.order_id.clone(),
         shipment_id: shipment.shipment_id,
         tracking_number: shipment.tracking_number,
         customer_id: e.customer_id.clone(),

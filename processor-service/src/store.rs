@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use orderflow_db::Conn;
 use orderflow_envelope::events::LineItem;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -23,7 +23,9 @@ pub struct Product {
     pub sku: String,
     /// Display name.
     pub name: String,
-    /// Unit price, minor units.
+    /// Unit price, major units with 2 decimals (stored in cents).
+    #[serde(serialize_with = "orderflow_envelope::money::serialize_minor")]
+    #[schema(schema_with = orderflow_web::schema::money_output)]
     pub price: i64,
     /// Units available to reserve.
     pub on_hand: i32,
@@ -127,7 +129,7 @@ pub async fn move_stock(conn: &mut Conn, items: &[LineItem], mv: Move) -> QueryR
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = reservations)]
 pub struct Reservation {
-    pub order_id: Uuid,
+    pub order_id: String,
     pub status: String,
     pub items: serde_json::Value,
     pub reason: Option<String>,
@@ -136,9 +138,10 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// The reserved lines.
-    pub fn lines(&self) -> Vec<LineItem> {
-        serde_json::from_value(self.items.clone()).unwrap_or_default()
+    /// The reserved lines; a column that does not hold lines is an error,
+    /// never an empty reservation.
+    pub fn lines(&self) -> Result<Vec<LineItem>, serde_json::Error> {
+        Vec::<LineItem>::deserialize(&self.items)
     }
 }
 
@@ -147,7 +150,7 @@ impl Reservation {
 ///
 /// Whoever comes first (the order or its cancellation) creates the row;
 /// the other waits on the lock and then sees what the first decided.
-pub async fn claim_reservation(conn: &mut Conn, order_id: Uuid, status: &str) -> QueryResult<(Reservation, bool)> {
+pub async fn claim_reservation(conn: &mut Conn, order_id: &str, status: &str) -> QueryResult<(Reservation, bool)> {
     let created = diesel::insert_into(reservations::table)
         .values((reservations::order_id.eq(order_id), reservations::status.eq(status)))
         .on_conflict_do_nothing()
@@ -159,14 +162,14 @@ pub async fn claim_reservation(conn: &mut Conn, order_id: Uuid, status: &str) ->
 }
 
 /// Locks the order's reservation row, if any.
-pub async fn lock_reservation(conn: &mut Conn, order_id: Uuid) -> QueryResult<Option<Reservation>> {
+pub async fn lock_reservation(conn: &mut Conn, order_id: &str) -> QueryResult<Option<Reservation>> {
     reservations::table.find(order_id).for_update().select(Reservation::as_select()).first(conn).await.optional()
 }
 
 /// Sets a reservation's status (and lines and reason when given).
 pub async fn set_reservation(
     conn: &mut Conn,
-    order_id: Uuid,
+    order_id: &str,
     status: &str,
     items: Option<&[LineItem]>,
     reason: Option<&str>,
@@ -188,7 +191,7 @@ pub async fn set_reservation(
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = payments)]
 pub struct Payment {
-    pub order_id: Uuid,
+    pub order_id: String,
     pub payment_id: Uuid,
     pub amount: i64,
     pub status: String,
@@ -198,7 +201,7 @@ pub struct Payment {
 }
 
 /// As [`claim_reservation`], for the order's payment.
-pub async fn claim_payment(conn: &mut Conn, order_id: Uuid, status: &str, amount: i64) -> QueryResult<(Payment, bool)> {
+pub async fn claim_payment(conn: &mut Conn, order_id: &str, status: &str, amount: i64) -> QueryResult<(Payment, bool)> {
     let created = diesel::insert_into(payments::table)
         .values((
             payments::order_id.eq(order_id),
@@ -215,12 +218,12 @@ pub async fn claim_payment(conn: &mut Conn, order_id: Uuid, status: &str, amount
 }
 
 /// Locks the order's payment row, if any.
-pub async fn lock_payment(conn: &mut Conn, order_id: Uuid) -> QueryResult<Option<Payment>> {
+pub async fn lock_payment(conn: &mut Conn, order_id: &str) -> QueryResult<Option<Payment>> {
     payments::table.find(order_id).for_update().select(Payment::as_select()).first(conn).await.optional()
 }
 
 /// Sets a payment's status (and reason when given).
-pub async fn set_payment(conn: &mut Conn, order_id: Uuid, status: &str, reason: Option<&str>) -> QueryResult<()> {
+pub async fn set_payment(conn: &mut Conn, order_id: &str, status: &str, reason: Option<&str>) -> QueryResult<()> {
     diesel::update(payments::table.find(order_id))
         .set((
             payments::status.eq(status),
@@ -236,7 +239,7 @@ pub async fn set_payment(conn: &mut Conn, order_id: Uuid, status: &str, reason: 
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = shipments)]
 pub struct Shipment {
-    pub order_id: Uuid,
+    pub order_id: String,
     pub shipment_id: Uuid,
     pub tracking_number: String,
     pub status: String,
@@ -245,7 +248,7 @@ pub struct Shipment {
 }
 
 /// Creates the order's shipment unless it has one; returns it if created.
-pub async fn create_shipment(conn: &mut Conn, order_id: Uuid) -> QueryResult<Option<Shipment>> {
+pub async fn create_shipment(conn: &mut Conn, order_id: &str) -> QueryResult<Option<Shipment>> {
     let shipment_id = Uuid::now_v7();
     let tracking = tracking_number(shipment_id);
     diesel::insert_into(shipments::table)
@@ -263,7 +266,7 @@ pub async fn create_shipment(conn: &mut Conn, order_id: Uuid) -> QueryResult<Opt
 }
 
 /// Voids the order's shipment; true if there was a live one.
-pub async fn void_shipment(conn: &mut Conn, order_id: Uuid) -> QueryResult<bool> {
+pub async fn void_shipment(conn: &mut Conn, order_id: &str) -> QueryResult<bool> {
     let n = diesel::update(shipments::table.find(order_id).filter(shipments::status.eq("created")))
         .set((shipments::status.eq("voided"), shipments::updated_at.eq(diesel::dsl::now)))
         .execute(conn)

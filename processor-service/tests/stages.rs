@@ -10,7 +10,7 @@ use diesel::sql_types::{BigInt, Text};
 use diesel_async::RunQueryDsl;
 use orderflow_broker::QueueSpec;
 use orderflow_envelope::events::{LineItem, OrderCreated};
-use orderflow_envelope::{Envelope, Metadata};
+use orderflow_envelope::{Envelope, Metadata, Money};
 use orderflow_testkit::{TestBroker, TestDb, eventually};
 use processor_service::{Config, inventory, notification, payment, shipping};
 use tokio_util::sync::CancellationToken;
@@ -38,10 +38,10 @@ struct N {
 
 fn created(sku: &str, quantity: i32) -> Envelope {
     let event = OrderCreated {
-        order_id: Uuid::now_v7(),
+        order_id: Uuid::now_v7().to_string(),
         customer_id: "c".into(),
-        items: vec![LineItem { sku: sku.into(), quantity, unit_price: 100 }],
-        total_amount: i64::from(quantity) * 100,
+        items: vec![LineItem { sku: sku.into(), quantity, unit_price: Money::from_minor(100) }],
+        total_amount: Money::from_minor(i64::from(quantity) * 100),
         force_fail: false,
     };
     Envelope::new(&event, 1, &Metadata::default()).unwrap()
@@ -84,7 +84,7 @@ async fn the_same_message_delivered_twice_changes_stock_once() {
         "--retry-delays",
         delays,
         "--catalog",
-        r#"[{"sku": "SKU-1", "name": "Beans", "price": 100, "on_hand": 100}]"#,
+        r#"[{"sku": "SKU-1", "name": "Beans", "price": 1.00, "on_hand": 100}]"#,
     ])
     .unwrap();
     let shutdown = CancellationToken::new();

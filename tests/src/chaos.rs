@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::invariants::{self, Expectations, Verdict};
-use crate::{Db, Options, Part, Product, System, count, eventually};
+use crate::{Db, Options, Part, Product, System, count, eventually, money};
 
 /// Sizes of a chaos run.
 #[derive(Debug, Clone)]
@@ -135,14 +135,15 @@ pub fn options(cfg: &ChaosConfig) -> Options {
 }
 
 fn order_body(rng: &mut StdRng, i: usize) -> Value {
-    let mut items = vec![json!({"sku": "PLENTY", "quantity": rng.random_range(1..4), "price": 500})];
+    let mut items = vec![json!({"sku": "PLENTY", "quantity": rng.random_range(1..4), "price": money(500)})];
     match rng.random_range(0..10) {
-        0..=2 => items.push(json!({"sku": "SCARCE", "quantity": rng.random_range(1..3), "price": 900})),
-        3 => items.push(json!({"sku": "BANNED", "quantity": 1, "price": 100})),
+        0..=2 => items.push(json!({"sku": "SCARCE", "quantity": rng.random_range(1..3), "price": money(900)})),
+        3 => items.push(json!({"sku": "BANNED", "quantity": 1, "price": money(100)})),
         _ => {}
     }
     json!({
-        "order_id": Uuid::new_v4(),
+        // Client-chosen string ids, as the old service's clients send them.
+        "order_id": format!("chaos-{}-{i}", Uuid::new_v4().simple()),
         "customer_id": format!("chaos-{}", i % 13),
         "items": items,
         "force_fail": rng.random_bool(0.05),
@@ -151,7 +152,7 @@ fn order_body(rng: &mut StdRng, i: usize) -> Value {
 
 #[derive(Default)]
 struct Tally {
-    accepted: Vec<Uuid>,
+    accepted: Vec<String>,
     retries: usize,
     cancels: BTreeMap<String, usize>,
 }
@@ -200,8 +201,8 @@ async fn client(
         let answer = persist(&http, Duration::from_secs(90), &tally, || http.post(&url).json(&body)).await;
         match answer {
             Some((StatusCode::CREATED, order)) => {
-                let id: Uuid = order["order_id"].as_str().and_then(|s| s.parse().ok()).unwrap();
-                tally.lock().unwrap().accepted.push(id);
+                let id = order["order_id"].as_str().unwrap().to_owned();
+                tally.lock().unwrap().accepted.push(id.clone());
                 if rng.random_bool(cfg.cancel_share) {
                     tokio::time::sleep(Duration::from_millis(rng.random_range(0..800))).await;
                     let url = format!("{base}/orders/{id}/cancel");

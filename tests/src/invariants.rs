@@ -68,15 +68,15 @@ impl Verdict {
 #[derive(Debug, Clone, Default)]
 pub struct Expectations {
     /// Orders the clients got a 201 for.
-    pub accepted: Vec<Uuid>,
+    pub accepted: Vec<String>,
     /// Stock on hand per SKU when the run started.
     pub initial_stock: HashMap<String, i64>,
 }
 
 #[derive(QueryableByName)]
 struct OrderRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
+    #[diesel(sql_type = Text)]
+    id: String,
     #[diesel(sql_type = Text)]
     status: String,
     #[diesel(sql_type = Nullable<Text>)]
@@ -85,8 +85,8 @@ struct OrderRow {
 
 #[derive(QueryableByName)]
 struct Line {
-    #[diesel(sql_type = SqlUuid)]
-    order_id: Uuid,
+    #[diesel(sql_type = Text)]
+    order_id: String,
     #[diesel(sql_type = Text)]
     sku: String,
     #[diesel(sql_type = Integer)]
@@ -95,16 +95,16 @@ struct Line {
 
 #[derive(QueryableByName)]
 struct Keyed {
-    #[diesel(sql_type = SqlUuid)]
-    order_id: Uuid,
+    #[diesel(sql_type = Text)]
+    order_id: String,
     #[diesel(sql_type = Text)]
     value: String,
 }
 
 #[derive(QueryableByName)]
 struct TimelineCount {
-    #[diesel(sql_type = SqlUuid)]
-    order_id: Uuid,
+    #[diesel(sql_type = Text)]
+    order_id: String,
     #[diesel(sql_type = Text)]
     event_type: String,
     #[diesel(sql_type = BigInt)]
@@ -136,7 +136,7 @@ async fn load<T: QueryableByName<diesel::pg::Pg> + Send + 'static>(pool: &Pool, 
     diesel::sql_query(sql).load(&mut conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-fn keyed(rows: Vec<Keyed>) -> HashMap<Uuid, String> {
+fn keyed(rows: Vec<Keyed>) -> HashMap<String, String> {
     rows.into_iter().map(|r| (r.order_id, r.value)).collect()
 }
 
@@ -154,11 +154,11 @@ pub async fn check(sys: &System, exp: &Expectations) -> Verdict {
     let mut v = Verdict::default();
 
     let orders: Vec<OrderRow> = load(orders_db, "SELECT id, status, tracking_number FROM orders").await;
-    let status: HashMap<Uuid, &str> = orders.iter().map(|o| (o.id, o.status.as_str())).collect();
+    let status: HashMap<&str, &str> = orders.iter().map(|o| (o.id.as_str(), o.status.as_str())).collect();
     let missing: Vec<String> = exp
         .accepted
         .iter()
-        .filter(|id| !status.contains_key(id))
+        .filter(|id| !status.contains_key(id.as_str()))
         .map(|id| format!("{id} accepted but not stored"))
         .collect();
     v.add(
@@ -224,7 +224,7 @@ pub async fn check(sys: &System, exp: &Expectations) -> Verdict {
     let lines: Vec<Line> = load(orders_db, "SELECT order_id, sku, quantity FROM order_items").await;
     let mut bought: HashMap<&str, i64> = HashMap::new();
     for line in &lines {
-        if status.get(&line.order_id) == Some(&"confirmed") {
+        if status.get(line.order_id.as_str()) == Some(&"confirmed") {
             *bought.entry(line.sku.as_str()).or_default() += i64::from(line.quantity);
         }
     }
@@ -300,7 +300,7 @@ pub async fn check(sys: &System, exp: &Expectations) -> Verdict {
         format!("{charged} charged, {refunded} refunded, {} shipments", shipments.len()),
     );
 
-    let notes: HashSet<(Uuid, String)> =
+    let notes: HashSet<(String, String)> =
         load::<Keyed>(processor_db, "SELECT order_id, kind AS value FROM notifications")
             .await
             .into_iter()
@@ -309,15 +309,15 @@ pub async fn check(sys: &System, exp: &Expectations) -> Verdict {
     let mut unnotified = Vec::new();
     for o in orders.iter().filter(|o| o.status != "pending") {
         let outcome = format!("order_{}", o.status);
-        if !notes.contains(&(o.id, outcome.clone())) {
+        if !notes.contains(&(o.id.clone(), outcome.clone())) {
             unnotified.push(format!("{} {}: no {outcome} notification", o.id, o.status));
         }
         for other in ["order_confirmed", "order_failed", "order_cancelled"] {
-            if other != outcome && notes.contains(&(o.id, other.to_owned())) {
+            if other != outcome && notes.contains(&(o.id.clone(), other.to_owned())) {
                 unnotified.push(format!("{} {}: also told {other}", o.id, o.status));
             }
         }
-        if o.status == "confirmed" && !notes.contains(&(o.id, "order_shipped".to_owned())) {
+        if o.status == "confirmed" && !notes.contains(&(o.id.clone(), "order_shipped".to_owned())) {
             unnotified.push(format!("{} confirmed: no order_shipped notification", o.id));
         }
     }

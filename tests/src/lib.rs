@@ -32,7 +32,7 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 /// Retry tiers used by the services under test (short, so tests are quick).
 pub const RETRY_DELAYS: &str = "200ms,500ms,1s";
 
-/// A product of the test catalog.
+/// A product of the test catalog (price in cents).
 #[derive(Debug, Clone)]
 pub struct Product {
     pub sku: String,
@@ -51,6 +51,7 @@ impl Product {
 pub struct Options {
     pub catalog: Vec<Product>,
     pub blocked_skus: Vec<String>,
+    /// Payment's limit, cents.
     pub amount_limit: i64,
     pub decline_rate: f64,
     /// Run order-service and processor-service as processes.
@@ -129,10 +130,23 @@ pub async fn texts(pool: &Pool, sql: &str) -> Vec<String> {
     diesel::sql_query(sql).load::<T>(&mut conn).await.unwrap().into_iter().map(|r| r.t).collect()
 }
 
-/// An order body for `POST /orders`.
+/// An amount in cents as the API writes money: a JSON number in major
+/// units with two decimals (`2499` is `24.99`).
+pub fn money(cents: i64) -> Value {
+    let text = orderflow_envelope::Money::from_minor(cents).to_string();
+    Value::Number(text.parse().unwrap())
+}
+
+/// An amount the API answered (`24.99`, `"24.99"`), in cents, read exactly.
+pub fn cents(v: &Value) -> i64 {
+    let text = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+    orderflow_envelope::Money::parse(&text).unwrap_or_else(|e| panic!("{v} is not money: {e}")).minor()
+}
+
+/// An order body for `POST /orders`; prices in cents.
 pub fn order_body(customer: &str, items: &[(&str, i64, i64)]) -> Value {
     json!({
         "customer_id": customer,
-        "items": items.iter().map(|(sku, quantity, price)| json!({"sku": sku, "quantity": quantity, "price": price})).collect::<Vec<_>>(),
+        "items": items.iter().map(|(sku, quantity, price)| json!({"sku": sku, "quantity": quantity, "price": money(*price)})).collect::<Vec<_>>(),
     })
 }

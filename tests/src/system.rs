@@ -310,7 +310,7 @@ impl System {
             .opts
             .catalog
             .iter()
-            .map(|p| json!({"sku": p.sku, "name": format!("Test {}", p.sku), "price": p.price, "on_hand": p.on_hand}))
+            .map(|p| json!({"sku": p.sku, "name": format!("Test {}", p.sku), "price": crate::money(p.price), "on_hand": p.on_hand}))
             .collect();
         let mut args: Vec<String> = vec![
             "processor-service".into(),
@@ -323,7 +323,7 @@ impl System {
             "--payment-blocked-skus".into(),
             self.opts.blocked_skus.join(","),
             "--payment-amount-limit".into(),
-            self.opts.amount_limit.to_string(),
+            orderflow_envelope::Money::from_minor(self.opts.amount_limit).to_string(),
             "--payment-decline-rate".into(),
             self.opts.decline_rate.to_string(),
         ];

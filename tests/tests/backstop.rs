@@ -6,7 +6,7 @@ use orderflow_broker::lapin::options::BasicGetOptions;
 use orderflow_broker::lapin::types::AMQPValue;
 use orderflow_e2e::{DEADLINE, Options, System, eventually_some, order_body};
 use orderflow_envelope::events::{LineItem, OrderCreated};
-use orderflow_envelope::{Envelope, Metadata};
+use orderflow_envelope::{Envelope, Metadata, Money};
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,10 +20,10 @@ async fn a_message_that_crashes_its_consumer_every_time_is_parked_by_the_deliver
     .await;
     let mut poison = Envelope::new(
         &OrderCreated {
-            order_id: Uuid::now_v7(),
+            order_id: Uuid::now_v7().to_string(),
             customer_id: "crash".into(),
-            items: vec![LineItem { sku: "SKU-1".into(), quantity: 1, unit_price: 1 }],
-            total_amount: 1,
+            items: vec![LineItem { sku: "SKU-1".into(), quantity: 1, unit_price: Money::from_minor(1) }],
+            total_amount: Money::from_minor(1),
             force_fail: false,
         },
         1,

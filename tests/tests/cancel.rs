@@ -115,7 +115,7 @@ async fn cancel_is_refused_after_shipment_and_after_failure_and_harmless_twice()
     assert!(problem["detail"].as_str().unwrap().contains("already failed"), "{problem}");
     let (status, _) = cancel(&sys, "5b0e4e5c-0000-4000-8000-000000000000").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = cancel(&sys, "not-an-id").await;
+    let (status, _) = cancel(&sys, "not%20an%20id").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     sys.stop().await;
 

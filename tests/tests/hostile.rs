@@ -8,7 +8,7 @@ use orderflow_broker::{header_str, properties_for};
 use orderflow_consumer::headers;
 use orderflow_e2e::{DEADLINE, Options, System, eventually_some, order_body};
 use orderflow_envelope::events::{InventoryReleased, InventoryReserved, LineItem, OrderCreated};
-use orderflow_envelope::{Envelope, Metadata, SchemaVersion};
+use orderflow_envelope::{Envelope, Metadata, Money, SchemaVersion};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -19,10 +19,10 @@ fn hostile() -> Vec<(&'static str, Vec<u8>, BasicProperties)> {
     let props = |env: &Envelope| properties_for(env);
     let created = Envelope::new(
         &OrderCreated {
-            order_id: Uuid::now_v7(),
+            order_id: Uuid::now_v7().to_string(),
             customer_id: "x".into(),
-            items: vec![LineItem { sku: "SKU-1".into(), quantity: 1, unit_price: 1 }],
-            total_amount: 1,
+            items: vec![LineItem { sku: "SKU-1".into(), quantity: 1, unit_price: Money::from_minor(1) }],
+            total_amount: Money::from_minor(1),
             force_fail: false,
         },
         1,
@@ -43,17 +43,17 @@ fn hostile() -> Vec<(&'static str, Vec<u8>, BasicProperties)> {
     huge.payload["padding"] = json!("x".repeat(3 * 1024 * 1024));
     // Consumed by order-service only (and for an order it does not know).
     let stray = Envelope::new(
-        &InventoryReleased { order_id: Uuid::now_v7(), items: vec![], reason: "x".into() },
+        &InventoryReleased { order_id: Uuid::now_v7().to_string(), items: vec![], reason: "x".into() },
         2,
         &Metadata::default(),
     )
     .unwrap();
     let orphan = Envelope::new(
         &InventoryReserved {
-            order_id: Uuid::now_v7(),
+            order_id: Uuid::now_v7().to_string(),
             customer_id: "x".into(),
             items: vec![],
-            total_amount: -5,
+            total_amount: Money::from_minor(-5),
             force_fail: false,
         },
         1,

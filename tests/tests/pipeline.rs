@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use futures::future::join_all;
-use orderflow_e2e::{DEADLINE, Options, Product, System, eventually, order_body};
+use orderflow_e2e::{DEADLINE, Options, Product, System, cents, eventually, money, order_body};
 use serde_json::{Value, json};
 
 fn assert_balanced(p: &Value) {
@@ -23,7 +23,8 @@ async fn an_order_is_confirmed_with_the_exact_total_and_a_tracking_number() {
     let order = sys.wait_final(&id).await;
 
     assert_eq!(order["status"], "confirmed", "{order}");
-    assert_eq!(order["total_amount"], 2 * 2499 + 3 * 1299);
+    assert_eq!(cents(&order["total_amount"]), 2 * 2499 + 3 * 1299);
+    assert_eq!(order["total_amount"].to_string(), "88.95", "money is written with 2 decimals");
     assert_eq!(order["version"], 2, "created, then confirmed");
     assert_eq!(order["fail_reason"], Value::Null);
     let tracking = order["tracking_number"].as_str().expect("a tracking number");
@@ -42,7 +43,11 @@ async fn an_order_is_confirmed_with_the_exact_total_and_a_tracking_number() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_rejection_ends_failed_with_its_reason_and_declines_give_stock_back() {
     let sys = System::start(Options {
-        catalog: vec![Product::new("SKU-1", 1000, 10), Product::new("BANNED", 100, 10)],
+        catalog: vec![
+            Product::new("SKU-1", 1000, 10),
+            Product::new("BANNED", 100, 10),
+            Product::new("PRICEY", 10_000, 10),
+        ],
         blocked_skus: vec!["BANNED".into()],
         amount_limit: 50_000,
         ..Options::default()
@@ -52,11 +57,12 @@ async fn each_rejection_ends_failed_with_its_reason_and_declines_give_stock_back
         (order_body("c1", &[("SKU-1", 11, 1000)]), "insufficient stock for SKU-1: requested 11, available "),
         (order_body("c2", &[("NOPE", 1, 1000)]), "unknown SKU NOPE"),
         (
-            json!({"customer_id": "c3", "items": [{"sku": "SKU-1", "quantity": 2, "price": 1000}], "force_fail": true}),
+            json!({"customer_id": "c3", "items": [{"sku": "SKU-1", "quantity": 2, "price": money(1000)}], "force_fail": true}),
             "force_fail",
         ),
         (order_body("c4", &[("SKU-1", 1, 1000), ("BANNED", 1, 100)]), "SKU BANNED is blocked"),
-        (order_body("c5", &[("SKU-1", 6, 10_000)]), "amount 60000 exceeds the limit of 50000"),
+        (order_body("c5", &[("PRICEY", 6, 10_000)]), "amount 600.00 exceeds the limit of 500.00"),
+        (order_body("c6", &[("SKU-1", 1, 1)]), "price mismatch for SKU-1: order says 0.01, catalog says 10.00"),
     ];
     let mut ids = Vec::new();
     for (body, _) in &cases {
@@ -72,7 +78,7 @@ async fn each_rejection_ends_failed_with_its_reason_and_declines_give_stock_back
     // The three payment declines had stock reserved; it all comes back.
     eventually("declined orders' stock released", DEADLINE, || async {
         let p = sys.product("SKU-1").await;
-        p["on_hand"] == 10 && p["reserved"] == 0
+        p["on_hand"] == 10 && p["reserved"] == 0 && sys.product("PRICEY").await["on_hand"] == 10
     })
     .await;
     let p = sys.product("SKU-1").await;

@@ -127,8 +127,12 @@ impl Fixture {
 }
 
 fn declined(reason: &str) -> Envelope {
-    Envelope::new(&PaymentDeclined { order_id: Uuid::now_v7(), reason: reason.into() }, 1, &Metadata::default())
-        .unwrap()
+    Envelope::new(
+        &PaymentDeclined { order_id: Uuid::now_v7().to_string(), reason: reason.into() },
+        1,
+        &Metadata::default(),
+    )
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,7 +217,7 @@ async fn huge_messages_are_dead_lettered_and_newer_minor_versions_are_handled() 
 
     // A producer on a newer minor version added a field: still handled.
     let mut newer = declined("ok");
-    newer.schema_version = orderflow_envelope::SchemaVersion::new(1, 4);
+    newer.schema_version = orderflow_envelope::SchemaVersion::new(2, 4);
     newer.payload["issuer_code"] = serde_json::json!("05");
     f.publish(&newer).await;
     eventually("the newer minor version is handled", DEADLINE, || async { f.handler.calls(newer.message_id) == 1 })

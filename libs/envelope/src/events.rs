@@ -2,13 +2,18 @@
 //!
 //! Every event is about one order, and its aggregate id is the order id, so
 //! that in each service's outbox all events of one order share a lane and are
-//! published in the order they were written. Money is in integer minor units
-//! (cents); nothing here uses floats.
+//! published in the order they were written.
+//!
+//! Schema 2.0 of every event: order ids are the clients' own strings (1 to
+//! 64 characters of `A-Z a-z 0-9 . _ : -`, or a UUIDv7 the service made), and
+//! amounts are [`Money`]: exact decimal numbers in major units (`1250.00`).
+//! 1.x messages (UUID ids, integer cents) are refused as an unknown major
+//! version and dead-lettered; drain the queues before upgrading from 1.x.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{DecodeError, DomainEvent, Envelope, SchemaVersion};
+use crate::{DecodeError, DomainEvent, Envelope, Money, SchemaVersion};
 
 /// One line of an order, as carried between services.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,8 +22,8 @@ pub struct LineItem {
     pub sku: String,
     /// Units ordered (> 0).
     pub quantity: i32,
-    /// Price of one unit in minor units.
-    pub unit_price: i64,
+    /// Price of one unit, as the customer saw it.
+    pub unit_price: Money,
 }
 
 /// Declares event structs' catalog entries and the [`Event`] sum type.
@@ -30,7 +35,7 @@ macro_rules! catalog {
                 const AGGREGATE_TYPE: &'static str = $aggregate;
                 const SCHEMA_VERSION: SchemaVersion = SchemaVersion::new($major, $minor);
                 fn aggregate_id(&self) -> String {
-                    self.order_id.to_string()
+                    self.order_id.clone()
                 }
             }
 
@@ -60,9 +65,9 @@ macro_rules! catalog {
             }
 
             /// The order this event is about.
-            pub fn order_id(&self) -> Uuid {
+            pub fn order_id(&self) -> &str {
                 match self {
-                    $( Event::$variant(e) => e.order_id, )*
+                    $( Event::$variant(e) => &e.order_id, )*
                 }
             }
 
@@ -78,27 +83,27 @@ macro_rules! catalog {
 
 catalog! {
     /// An order was accepted (order-service).
-    OrderCreated => "order.created", "order", v(1, 0);
+    OrderCreated => "order.created", "order", v(2, 0);
     /// Stock for every line was reserved (inventory).
-    InventoryReserved => "inventory.reserved", "reservation", v(1, 0);
+    InventoryReserved => "inventory.reserved", "reservation", v(2, 0);
     /// Stock could not be reserved (inventory).
-    InventoryRejected => "inventory.rejected", "reservation", v(1, 0);
+    InventoryRejected => "inventory.rejected", "reservation", v(2, 0);
     /// Reserved stock went back on hand (inventory, compensation).
-    InventoryReleased => "inventory.released", "reservation", v(1, 0);
+    InventoryReleased => "inventory.released", "reservation", v(2, 0);
     /// The payment was authorized (payment).
-    PaymentAuthorized => "payment.authorized", "payment", v(1, 1);
+    PaymentAuthorized => "payment.authorized", "payment", v(2, 0);
     /// The payment was declined (payment).
-    PaymentDeclined => "payment.declined", "payment", v(1, 0);
+    PaymentDeclined => "payment.declined", "payment", v(2, 0);
     /// An authorized payment was refunded (payment, compensation).
-    PaymentRefunded => "payment.refunded", "payment", v(1, 0);
+    PaymentRefunded => "payment.refunded", "payment", v(2, 0);
     /// A shipment was created (shipping).
-    ShipmentCreated => "shipment.created", "shipment", v(1, 1);
+    ShipmentCreated => "shipment.created", "shipment", v(2, 0);
     /// The order reached `confirmed` (order-service).
-    OrderConfirmed => "order.confirmed", "order", v(1, 0);
+    OrderConfirmed => "order.confirmed", "order", v(2, 0);
     /// The order reached `failed` (order-service).
-    OrderFailed => "order.failed", "order", v(1, 0);
+    OrderFailed => "order.failed", "order", v(2, 0);
     /// The order was cancelled (order-service).
-    OrderCancelled => "order.cancelled", "order", v(1, 0);
+    OrderCancelled => "order.cancelled", "order", v(2, 0);
 }
 
 /// `order.created`: what inventory needs to reserve and what payment needs
@@ -106,13 +111,13 @@ catalog! {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderCreated {
     /// The order.
-    pub order_id: Uuid,
+    pub order_id: String,
     /// Who placed it.
     pub customer_id: String,
     /// What was ordered.
     pub items: Vec<LineItem>,
-    /// Sum of quantity × unit price, minor units.
-    pub total_amount: i64,
+    /// Sum of quantity × unit price.
+    pub total_amount: Money,
     /// Ask payment to decline (for demos and tests).
     #[serde(default)]
     pub force_fail: bool,
@@ -122,13 +127,13 @@ pub struct OrderCreated {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryReserved {
     /// The order.
-    pub order_id: Uuid,
+    pub order_id: String,
     /// Who placed it.
     pub customer_id: String,
     /// Lines reserved.
     pub items: Vec<LineItem>,
-    /// Amount to charge, minor units.
-    pub total_amount: i64,
+    /// Amount to charge: the sum inventory verified against the catalog.
+    pub total_amount: Money,
     /// Carried forward from `order.created`.
     #[serde(default)]
     pub force_fail: bool,
@@ -138,7 +143,7 @@ pub struct InventoryReserved {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryRejected {
     /// The order.
-    pub order_id: Uuid,
+    pub order_id: String,
     /// Why, e.g. `insufficient stock for SKU-1 (wanted 3, on hand 1)`.
     pub reason: String,
 }
@@ -147,7 +152,7 @@ pub struct InventoryRejected {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryReleased {
     /// The order.
-    pub order_id: Uuid,
+    pub order_id: String,
     /// Lines released.
     pub items: Vec<LineItem>,
     /// Why, e.g. `payment declined` or `order cancelled`.
@@ -158,11 +163,11 @@ pub struct InventoryReleased {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentAuthorized {
     /// The order.
-    pub order_id: Uuid,
+    pub order_id: String,
     /// The payment.
     pub payment_id: Uuid,
-    /// Amount charged, minor units.
-    pub amount: i64,
+    /// Amount charged.
+    pub amount: Money,
     /// Who ordered (added in 1.1, carried on to shipping; absent from 1.0
     /// messages).
     #[serde(default)]
@@ -173,8 +178,8 @@ pub struct PaymentAuthorized {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentDeclined {
     /// The order.
-    pub order_id: Uuid,
-    /// Why, e.g. `amount 120000 exceeds limit 100000`.
+    pub order_id: String,
+    /// Why, e.g. `amount 1200.00 exceeds the limit of 1000.00`.
     pub reason: String,
 }
 
@@ -182,18 +187,18 @@ pub struct PaymentDeclined {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentRefunded {
     /// The order.
-    pub order_id: Uuid,
+    pub order_id: String,
     /// The payment refunded.
     pub payment_id: Uuid,
-    /// Amount refunded, minor units.
-    pub amount: i64,
+    /// Amount refunded.
+    pub amount: Money,
 }
 
 /// `shipment.created`: the order is shipped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShipmentCreated {
     /// The order.
-    pub order_id: Uuid,
+    pub order_id: String,
     /// The shipment.
     pub shipment_id: Uuid,
     /// Carrier tracking number.
@@ -208,11 +213,11 @@ pub struct ShipmentCreated {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderConfirmed {
     /// The order.
-    pub order_id: Uuid,
+    pub order_id: String,
     /// Who placed it.
     pub customer_id: String,
-    /// Amount charged, minor units.
-    pub total_amount: i64,
+    /// Amount charged.
+    pub total_amount: Money,
     /// Carrier tracking number.
     pub tracking_number: Option<String>,
 }
@@ -221,7 +226,7 @@ pub struct OrderConfirmed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderFailed {
     /// The order.
-    pub order_id: Uuid,
+    pub order_id: String,
     /// Who placed it.
     pub customer_id: String,
     /// Why it failed.
@@ -232,7 +237,7 @@ pub struct OrderFailed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderCancelled {
     /// The order.
-    pub order_id: Uuid,
+    pub order_id: String,
     /// Who placed it.
     pub customer_id: String,
     /// Reason given by the caller, if any.
@@ -247,19 +252,25 @@ mod tests {
 
     #[test]
     fn decodes_by_type() {
-        let order_id = Uuid::now_v7();
-        let env = Envelope::new(&PaymentDeclined { order_id, reason: "no".into() }, 2, &Metadata::default()).unwrap();
-        assert_eq!(env.aggregate_id, order_id.to_string());
+        let order_id = "ord-001".to_owned();
+        let env = Envelope::new(
+            &PaymentDeclined { order_id: order_id.clone(), reason: "no".into() },
+            2,
+            &Metadata::default(),
+        )
+        .unwrap();
+        assert_eq!(env.aggregate_id, order_id);
         assert_eq!(env.event_type, "payment.declined");
         let ev = Event::decode(&env).unwrap();
         assert_eq!(ev.order_id(), order_id);
+        assert_eq!(env.schema_version.to_string(), "2.0");
         assert_eq!(ev.event_type(), "payment.declined");
     }
 
     #[test]
     fn wrong_types_are_invalid_payloads() {
         let mut env =
-            Envelope::new(&PaymentDeclined { order_id: Uuid::now_v7(), reason: "no".into() }, 2, &Metadata::default())
+            Envelope::new(&PaymentDeclined { order_id: "o-1".into(), reason: "no".into() }, 2, &Metadata::default())
                 .unwrap();
         env.payload["order_id"] = serde_json::json!(42);
         assert!(matches!(Event::decode(&env), Err(DecodeError::InvalidPayload { .. })));

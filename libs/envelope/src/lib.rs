@@ -10,5 +10,7 @@
 
 mod envelope;
 pub mod events;
+pub mod money;
 
 pub use envelope::{DecodeError, DomainEvent, Envelope, LANE_COUNT, Metadata, SchemaVersion, lane_for};
+pub use money::{Money, MoneyError};

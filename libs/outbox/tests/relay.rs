@@ -12,7 +12,7 @@ use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions};
 use orderflow_broker::lapin::{Channel, Connection};
 use orderflow_db::{Conn, Pool};
 use orderflow_envelope::events::{PaymentDeclined, PaymentRefunded};
-use orderflow_envelope::{Envelope, Metadata};
+use orderflow_envelope::{Envelope, Metadata, Money};
 use orderflow_outbox::relay::{self, RelayConfig};
 use orderflow_testkit::{TestBroker, TestDb, count, eventually};
 use tokio_util::sync::CancellationToken;
@@ -30,8 +30,12 @@ async fn write(pool: &Pool, events: Vec<Envelope>) {
 }
 
 fn declined(order: Uuid, version: i64) -> Envelope {
-    Envelope::new(&PaymentDeclined { order_id: order, reason: format!("v{version}") }, version, &Metadata::default())
-        .unwrap()
+    Envelope::new(
+        &PaymentDeclined { order_id: order.to_string(), reason: format!("v{version}") },
+        version,
+        &Metadata::default(),
+    )
+    .unwrap()
 }
 
 async fn drain(channel: &Channel, queue: &str) -> Vec<Envelope> {
@@ -127,7 +131,7 @@ async fn a_refused_message_backs_off_then_dies_and_holds_only_its_aggregate() {
 
     let (stuck, fine) = (Uuid::now_v7(), Uuid::now_v7());
     let refused = Envelope::new(
-        &PaymentRefunded { order_id: stuck, payment_id: Uuid::now_v7(), amount: 1 },
+        &PaymentRefunded { order_id: stuck.to_string(), payment_id: Uuid::now_v7(), amount: Money::from_minor(1) },
         1,
         &Metadata::default(),
     )

@@ -7,9 +7,8 @@
 //! These deserializers accept both, exactly: a value is taken only when the
 //! number it spells is whole and within the target type, anything else
 //! (`19.99`, `"2"`, `1e300`) is rejected with serde's usual message, e.g.
-//! `invalid type: floating point `19.99`, expected i64`. No float is ever
-//! rounded: every whole number up to 2^53 has an exact `f64`, and larger
-//! floats are refused rather than guessed.
+//! `invalid type: number `19.99`, expected i64`. No float is ever involved:
+//! the number's own text is read as a decimal.
 //!
 //! ```ignore
 //! #[derive(Deserialize)]
@@ -19,66 +18,50 @@
 //! }
 //! ```
 
-use std::fmt;
-use std::marker::PhantomData;
-
-use serde::Deserializer;
-use serde::de::{Error, Unexpected, Visitor};
-
-/// Largest magnitude below which every whole `f64` is one exact integer.
-const EXACT_F64: f64 = 9_007_199_254_740_992.0; // 2^53
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+use serde::de::{Error, Unexpected};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
 
 /// Deserializes an `i64` from an integer or a whole number (`2`, `2.0`).
 pub fn i64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
-    deserializer.deserialize_any(Whole::<i64>(PhantomData))
+    whole(deserializer, "i64")
 }
 
 /// Deserializes an `i32` from an integer or a whole number (`2`, `2.0`).
 pub fn i32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i32, D::Error> {
-    deserializer.deserialize_any(Whole::<i32>(PhantomData))
+    whole(deserializer, "i32")
 }
 
-/// The target types, named as serde names them in its messages.
-trait Target: TryFrom<i64> + TryFrom<u64> {
-    const NAME: &'static str;
-}
-
-impl Target for i64 {
-    const NAME: &'static str = "i64";
-}
-
-impl Target for i32 {
-    const NAME: &'static str = "i32";
-}
-
-struct Whole<T>(PhantomData<T>);
-
-impl<'de, T: Target> Visitor<'de> for Whole<T> {
-    type Value = T;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(T::NAME)
+/// The number's own text (serde_json keeps it: `arbitrary_precision`) read
+/// as a decimal, then taken only if it is whole and fits `T`.
+fn whole<'de, T, D>(deserializer: D, name: &'static str) -> Result<T, D::Error>
+where
+    T: TryFrom<i64>,
+    D: Deserializer<'de>,
+{
+    let number = match Value::deserialize(deserializer)? {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => return Err(D::Error::invalid_type(Unexpected::Str(&s), &name)),
+        Value::Null => return Err(D::Error::invalid_type(Unexpected::Unit, &name)),
+        Value::Bool(b) => return Err(D::Error::invalid_type(Unexpected::Bool(b), &name)),
+        Value::Array(_) => return Err(D::Error::invalid_type(Unexpected::Seq, &name)),
+        Value::Object(_) => return Err(D::Error::invalid_type(Unexpected::Map, &name)),
+    };
+    let what = format!("number `{number}`");
+    let decimal =
+        if number.contains(['e', 'E']) { Decimal::from_scientific(&number) } else { Decimal::from_str_exact(&number) };
+    let Ok(decimal) = decimal.map(|d| d.normalize()) else {
+        return Err(D::Error::invalid_value(Unexpected::Other(&what), &name));
+    };
+    if decimal.scale() > 0 {
+        return Err(D::Error::invalid_type(Unexpected::Other(&what), &name));
     }
-
-    fn visit_i64<E: Error>(self, v: i64) -> Result<T, E> {
-        T::try_from(v).map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
-    }
-
-    fn visit_u64<E: Error>(self, v: u64) -> Result<T, E> {
-        T::try_from(v).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
-    }
-
-    fn visit_f64<E: Error>(self, v: f64) -> Result<T, E> {
-        if v.fract() != 0.0 || !v.is_finite() {
-            return Err(E::invalid_type(Unexpected::Float(v), &self));
-        }
-        if v.abs() > EXACT_F64 {
-            return Err(E::invalid_value(Unexpected::Float(v), &self));
-        }
-        // Whole and within ±2^53: the cast is exact.
-        let whole = v as i64;
-        T::try_from(whole).map_err(|_| E::invalid_value(Unexpected::Float(v), &self))
-    }
+    decimal
+        .to_i64()
+        .and_then(|v| T::try_from(v).ok())
+        .ok_or_else(|| D::Error::invalid_value(Unexpected::Other(&what), &name))
 }
 
 #[cfg(test)]
@@ -110,11 +93,11 @@ mod tests {
     #[test]
     fn anything_else_is_refused_with_serdes_message() {
         let err = parse(r#"{"price": 19.99, "quantity": 1}"#).unwrap_err();
-        assert!(err.starts_with("invalid type: floating point `19.99`, expected i64"), "{err}");
+        assert!(err.starts_with("invalid type: number `19.99`, expected i64"), "{err}");
         let err = parse(r#"{"price": 1, "quantity": 2147483648}"#).unwrap_err();
-        assert!(err.starts_with("invalid value: integer `2147483648`, expected i32"), "{err}");
+        assert!(err.starts_with("invalid value: number `2147483648`, expected i32"), "{err}");
         let err = parse(r#"{"price": 1, "quantity": 3e9}"#).unwrap_err();
-        assert!(err.starts_with("invalid value: floating point `3000000000.0`, expected i32"), "{err}");
+        assert!(err.starts_with("invalid value: number `3e") && err.contains("expected i32"), "{err}");
         let err = parse(r#"{"price": 1e300, "quantity": 1}"#).unwrap_err();
         assert!(err.contains("expected i64"), "{err}");
         let err = parse(r#"{"price": "2", "quantity": 1}"#).unwrap_err();

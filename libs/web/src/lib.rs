@@ -6,6 +6,7 @@
 //!   bad field is reported by its path (`items[0].quantity`);
 //! - [`integer`]: integer body fields that also take whole numbers spelled
 //!   `2.0`, as JSON Schema's `integer` does;
+//! - [`schema`]: OpenAPI schemas of money amounts and client-chosen ids;
 //! - [`extractor_errors`]: path and query extractors answering problem+json;
 //! - [`not_found_fallback`]: 404 for unknown paths, 405 with `Allow` for a
 //!   known path under another method;
@@ -22,6 +23,7 @@ mod health;
 pub mod integer;
 mod observe;
 mod problem;
+pub mod schema;
 mod service;
 
 pub use body::json_body;

@@ -85,8 +85,12 @@ pub async fn write(pool: &Pool, events: Vec<Envelope>) {
 }
 
 pub fn declined(order: Uuid, version: i64) -> Envelope {
-    Envelope::new(&PaymentDeclined { order_id: order, reason: format!("v{version}") }, version, &Metadata::default())
-        .unwrap()
+    Envelope::new(
+        &PaymentDeclined { order_id: order.to_string(), reason: format!("v{version}") },
+        version,
+        &Metadata::default(),
+    )
+    .unwrap()
 }
 
 pub use orderflow_testkit::count;
