@@ -3,6 +3,7 @@
 
 use futures::future::join_all;
 use orderflow_e2e::{DEADLINE, Db, Options, System, count, eventually, order_body};
+use orderflow_testkit::eventually_some;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_between_publish_and_mark_republishes_and_consumers_drop_the_duplicates() {
@@ -92,6 +93,23 @@ async fn events_written_while_the_broker_is_unreachable_are_published_when_it_re
     eventually("clients retried while the broker was down", DEADLINE, || async { proxy.refused_connections() >= 10 })
         .await;
     assert_eq!(count(pool, waiting).await, 10, "nothing published while down");
+    // Intake stays in service: ready means "route requests here", and that
+    // needs the database, not the broker. The broker state is in the details.
+    for url in [sys.order_url("/ready"), sys.processor_url("/ready")] {
+        let body = eventually_some("consumers see the broker gone", DEADLINE, || async {
+            let r = sys.http.get(&url).send().await.ok()?;
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.ok()?;
+            let consumers = body["consumers"].as_array()?;
+            let gone = !consumers.is_empty() && consumers.iter().all(|c| c["connected"] == false);
+            gone.then_some((status, body))
+        })
+        .await;
+        assert_eq!(body.0, reqwest::StatusCode::OK, "{url}: {}", body.1);
+        assert_eq!((body.1["ready"].as_bool(), body.1["database"].as_bool()), (Some(true), Some(true)), "{}", body.1);
+    }
+    let health = sys.get_json(&sys.order_url("/health")).await;
+    assert_eq!(health["broker"], false, "{health}");
     for id in &ids {
         assert_eq!(sys.order(id).await["status"], "pending");
     }
