@@ -24,7 +24,7 @@ pub mod invariants;
 pub mod storm;
 mod system;
 mod webhook;
-pub use system::{Db, PROBE, Part, RelayHandle, System, bin, consumer_specs};
+pub use system::{Db, PROBE, Part, RelayHandle, Running, System, bin, consumer_specs};
 pub use webhook::WebhookSink;
 
 /// Generous: 2 shared cores can be slow; passing tests return early.

@@ -36,7 +36,8 @@ pub enum Part {
     Relay(usize),
 }
 
-pub(crate) enum Running {
+/// A running part: an in-process task or a child process (killed when dropped).
+pub enum Running {
     Task { token: CancellationToken, handle: JoinHandle<()> },
     Process(Child),
 }
@@ -361,6 +362,17 @@ impl System {
             self.processor = Some(Running::task(service, token));
             self.wait_ready(self.processor_port).await;
         }
+    }
+
+    /// Starts another processor-service process on the same database and
+    /// broker (a second replica: its consumers share the queues, its
+    /// dispatcher the notifications), with `extra` flags after the options'.
+    /// Killed when dropped.
+    pub async fn processor_replica(&self, extra: &[&str]) -> Running {
+        let port = free_port();
+        let mut args = self.processor_args(port);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.supervise(&bin("e2e-processor-service"), &args[1..], port).await
     }
 
     async fn start_orders(&mut self) {

@@ -2,14 +2,17 @@
 //! down, counting what it gets.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 
 #[derive(Default)]
 struct State {
     up: AtomicBool,
+    /// Milliseconds each accepted call takes to answer.
+    delay_ms: AtomicU64,
     refused: AtomicUsize,
     accepted: Mutex<HashMap<String, u32>>,
     traceparents: Mutex<Vec<String>>,
@@ -32,6 +35,11 @@ async fn receive(req: HttpRequest, state: web::Data<State>) -> HttpResponse {
         state.traceparents.lock().unwrap().push(tp.to_owned());
     }
     *state.accepted.lock().unwrap().entry(key).or_default() += 1;
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        // A slow receiver: it has the notification, the caller waits.
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     HttpResponse::NoContent().finish()
 }
 
@@ -51,6 +59,11 @@ impl WebhookSink {
         let handle = server.handle();
         tokio::spawn(server);
         Self { url: format!("http://127.0.0.1:{port}/hook"), state, handle }
+    }
+
+    /// Makes every accepted call take `delay` to answer.
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn set_up(&self, up: bool) {

@@ -152,3 +152,42 @@ async fn the_timelines_of_a_confirmed_and_a_failed_order() {
     assert_eq!(reason, "unknown SKU NOPE");
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_and_a_slow_webhook_deliver_each_notification_once() {
+    // Each call takes 2 s; one attempt's lease is then 3 s + 5 s, shorter
+    // than a round of 20 notifications called one after another.
+    let sink = WebhookSink::start(true).await;
+    sink.set_delay(std::time::Duration::from_secs(2));
+    let flags = [
+        "--notify-webhook-url",
+        &sink.url,
+        "--notify-webhook-timeout",
+        "3s",
+        "--notify-quick-retries",
+        "0",
+        "--notify-poll-interval",
+        "200ms",
+    ];
+    let sys =
+        System::start(Options { processor_extra: flags.iter().map(|s| s.to_string()).collect(), ..Options::default() })
+            .await;
+    let _replica = sys.processor_replica(&[]).await;
+    const ORDERS: usize = 12;
+    let bodies: Vec<Value> = (0..ORDERS).map(|i| order_body(&format!("r{i}"), &[("SKU-2", 1, 1299)])).collect();
+    let ids = join_all(bodies.iter().map(|b| sys.place(b))).await;
+    for id in &ids {
+        assert_eq!(sys.wait_final(id).await["status"], "confirmed");
+    }
+    let status_url = sys.processor_url("/notifications/webhook");
+    let expected = 2 * ORDERS;
+    eventually("every notification delivered", DEADLINE, || async {
+        let s = sys.get_json(&status_url).await;
+        s["undelivered"] == 0 && sink.accepted().len() == expected
+    })
+    .await;
+    let accepted = sink.accepted();
+    let twice: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once by the two replicas: {twice:?}");
+    sys.stop().await;
+}

@@ -1,10 +1,17 @@
 //! Delivers recorded notifications to the webhook.
 //!
 //! Each round leases a few due notifications (their `next_attempt_at` moves
-//! past the call's timeout, so a crashed dispatcher's lease simply expires),
-//! POSTs each with a few quick retries (backon: exponential, with jitter),
-//! and records the outcome: delivered, or the next attempt with a longer,
-//! jittered backoff. A circuit breaker stops calls while the webhook is down
+//! past the time one attempt can take, so a crashed dispatcher's lease simply
+//! expires), POSTs them a few at a time, each with a few quick retries
+//! (backon: exponential, with jitter), and records the outcome: delivered,
+//! or the next attempt with a longer, jittered backoff.
+//!
+//! Several replicas may run dispatchers on one database. A lease covers one
+//! attempt, not a whole round: right before its call, each notification's
+//! lease is renewed on the condition that it is still the one this round
+//! took (`next_attempt_at` unchanged). A notification whose lease ran out
+//! while earlier ones were slow, and which another replica took meanwhile,
+//! is skipped, so the webhook never gets it twice from two replicas. A circuit breaker stops calls while the webhook is down
 //! and probes it once per cooldown. Nothing is ever dropped: after
 //! `max_attempts` a notification is marked `failed` and still retried at the
 //! longest backoff.
@@ -67,6 +74,10 @@ enum CallError {
 }
 
 const BATCH: i64 = 20;
+/// Calls in flight at once within a round.
+const IN_FLIGHT: usize = 4;
+/// Longest wait between two quick retries (see [`Dispatcher::deliver`]).
+const QUICK_RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
 
 impl Dispatcher {
     /// A dispatcher for `cfg`, sharing `breaker` (for status reports).
@@ -128,7 +139,7 @@ impl Dispatcher {
         if self.breaker.try_acquire_peek().is_some() {
             return Ok(false);
         }
-        let lease = self.cfg.timeout * (self.cfg.quick_retries as u32 + 1) + Duration::from_secs(5);
+        let lease = self.lease();
         let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
         let due: Vec<Notification> = diesel::sql_query(
             "UPDATE notifications SET next_attempt_at = now() + make_interval(secs => $1) \
@@ -142,8 +153,46 @@ impl Dispatcher {
         .load(&mut conn)
         .await
         .map_err(|e| e.to_string())?;
+        drop(conn);
         let full = due.len() as i64 == BATCH;
-        for n in due {
+        let results: Vec<Result<(), String>> =
+            futures::stream::iter(due).map(|n| self.attempt(n, lease)).buffer_unordered(IN_FLIGHT).collect().await;
+        results.into_iter().collect::<Result<(), String>>()?;
+        Ok(full)
+    }
+
+    /// The longest one attempt can take: every call timing out, plus the
+    /// longest waits between quick retries, plus a margin.
+    fn lease(&self) -> Duration {
+        let calls = self.cfg.quick_retries as u32 + 1;
+        self.cfg.timeout * calls + QUICK_RETRY_MAX_DELAY * (calls - 1) + Duration::from_secs(5)
+    }
+
+    /// Renews `n`'s lease if this round still holds it (nobody took it since
+    /// it was leased at `n.next_attempt_at`); false if it was lost.
+    async fn renew(&self, conn: &mut orderflow_db::Conn, n: &Notification, lease: Duration) -> Result<bool, String> {
+        let renewed = diesel::sql_query(
+            "UPDATE notifications SET next_attempt_at = clock_timestamp() + make_interval(secs => $3) \
+             WHERE id = $1 AND next_attempt_at = $2 AND status <> 'delivered'",
+        )
+        .bind::<diesel::sql_types::Uuid, _>(n.id)
+        .bind::<diesel::sql_types::Timestamptz, _>(n.next_attempt_at)
+        .bind::<Double, _>(lease.as_secs_f64())
+        .execute(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(renewed == 1)
+    }
+
+    /// One attempt at `n`, if its lease still holds, and its outcome.
+    async fn attempt(&self, n: Notification, lease: Duration) -> Result<(), String> {
+        let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+        if !self.renew(&mut conn, &n, lease).await? {
+            tracing::debug!(id = %n.id, "lease lost to another dispatcher; skipping");
+            metrics::counter!("notifications_lease_lost_total").increment(1);
+            return Ok(());
+        }
+        {
             match self.deliver(&n).await {
                 Ok(()) => {
                     diesel::update(notifications::table.find(n.id))
@@ -188,14 +237,14 @@ impl Dispatcher {
                 }
             }
         }
-        Ok(full)
+        Ok(())
     }
 
     /// One attempt: a call plus quick retries, each asking the breaker first.
     async fn deliver(&self, n: &Notification) -> Result<(), CallError> {
         let retry = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(2))
+            .with_max_delay(QUICK_RETRY_MAX_DELAY)
             .with_max_times(self.cfg.quick_retries)
             .with_jitter();
         (|| self.call(n)).retry(retry).when(|e| !matches!(e, CallError::Open)).await
