@@ -1,6 +1,8 @@
 //! The order-service consumer: moves orders to their final state as the
 //! pipeline's outcomes arrive, and records every step in the timeline.
 
+use diesel::result::DatabaseErrorKind;
+use diesel::result::Error::DatabaseError;
 use orderflow_consumer::{Handler, HandlerError, Incoming};
 use orderflow_db::Conn;
 use orderflow_envelope::Money;
@@ -30,13 +32,25 @@ pub struct Outcomes;
 impl Handler for Outcomes {
     async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
         let order_id = msg.event.order_id();
-        let Some(order) = store::get(conn, order_id).await? else {
-            // Only order-service creates orders, so this event is about an
-            // order that never existed here: park it for an operator.
-            return Err(HandlerError::Permanent(format!("unknown order {order_id}")));
+        if matches!(
+            msg.event,
+            Event::InventoryReserved(_)
+                | Event::PaymentAuthorized(_)
+                | Event::InventoryReleased(_)
+                | Event::PaymentRefunded(_)
+        ) {
+            // Intermediate steps and compensations only go on the timeline:
+            // one insert, whose foreign key is the check that the order exists.
+            return match store::record(conn, msg.envelope).await {
+                Err(DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _)) => Err(unknown(order_id)),
+                other => Ok(other?),
+            };
+        }
+        let Some(row) = store::get_row(conn, order_id).await? else {
+            return Err(unknown(order_id));
         };
         store::record(conn, msg.envelope).await?;
-        let row = &order.row;
+        let row = &row;
         let meta = msg.meta();
         let (change, final_event) = match msg.event {
             Event::InventoryRejected(e) => fail(row, &e.reason),
@@ -55,11 +69,6 @@ impl Handler for Outcomes {
                 };
                 (change, Final::Confirmed(event))
             }
-            // Intermediate steps and compensations: timeline only.
-            Event::InventoryReserved(_)
-            | Event::PaymentAuthorized(_)
-            | Event::InventoryReleased(_)
-            | Event::PaymentRefunded(_) => return Ok(()),
             other => return Err(HandlerError::Permanent(format!("orders does not consume {}", other.event_type()))),
         };
         if row.status() != OrderStatus::Pending {
@@ -80,6 +89,12 @@ impl Handler for Outcomes {
         };
         Ok(())
     }
+}
+
+/// Only order-service creates orders, so an event about an order it does
+/// not have is a bug or a stray message: park it for an operator.
+fn unknown(order_id: &str) -> HandlerError {
+    HandlerError::Permanent(format!("unknown order {order_id}"))
 }
 
 enum Final {

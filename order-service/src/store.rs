@@ -87,7 +87,8 @@ pub enum Created {
 /// in the caller's transaction. A concurrent or repeated POST with the same
 /// id waits on the primary key and then finds the stored order.
 pub async fn create(conn: &mut Conn, new: &NewOrder, meta: &Metadata) -> QueryResult<Created> {
-    let inserted = diesel::insert_into(orders::table)
+    // RETURNING: the stored row comes back with the insert, no second read.
+    let inserted: Option<OrderRow> = diesel::insert_into(orders::table)
         .values((
             orders::id.eq(&new.id),
             orders::customer_id.eq(&new.customer_id),
@@ -98,16 +99,18 @@ pub async fn create(conn: &mut Conn, new: &NewOrder, meta: &Metadata) -> QueryRe
         ))
         .on_conflict(orders::id)
         .do_nothing()
-        .execute(conn)
-        .await?;
-    if inserted == 0 {
+        .returning(OrderRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?;
+    let Some(row) = inserted else {
         let existing = get(conn, &new.id).await?.ok_or(diesel::result::Error::NotFound)?;
         return Ok(if existing.row.request_hash == new.request_hash {
             Created::Existing(existing)
         } else {
             Created::Conflict(existing)
         });
-    }
+    };
     let lines: Vec<_> = new
         .items
         .iter()
@@ -132,8 +135,19 @@ pub async fn create(conn: &mut Conn, new: &NewOrder, meta: &Metadata) -> QueryRe
     };
     emit(conn, &event, 1, meta).await?;
     metrics::counter!("orders_created_total").increment(1);
-    let order = get(conn, &new.id).await?.ok_or(diesel::result::Error::NotFound)?;
-    Ok(Created::New(order))
+    let items = new
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| ItemRow {
+            order_id: new.id.clone(),
+            line_no: i as i32,
+            sku: item.sku.clone(),
+            quantity: item.quantity,
+            unit_price: item.unit_price.minor(),
+        })
+        .collect();
+    Ok(Created::New(Order { row, items }))
 }
 
 /// Appends `event` (about the order at `version`) to the outbox and to the
@@ -164,6 +178,11 @@ pub async fn record(conn: &mut Conn, env: &Envelope) -> QueryResult<()> {
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Loads an order without its lines.
+pub async fn get_row(conn: &mut Conn, id: &str) -> QueryResult<Option<OrderRow>> {
+    orders::table.find(id).select(OrderRow::as_select()).first(conn).await.optional()
 }
 
 /// Loads an order and its lines.

@@ -8,7 +8,7 @@ pub mod schema;
 use std::time::Duration;
 
 use diesel_async::AsyncPgConnection;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
 
 pub use error::{DbError, ErrorClass, classify};
 pub use migrate::{PLATFORM_MIGRATIONS, ensure_database, migrate};
@@ -56,7 +56,14 @@ pub async fn establish(url: &str) -> Result<Conn, DbError> {
 /// Builds a pool for `url` and checks that one connection can be made, so a
 /// wrong URL or a stopped server fails at start with a clear error.
 pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let manager = AsyncDieselConnectionManager::<Conn>::new(tuned(url));
+    // Fast recycling: no `SELECT 1` round trip on every checkout. A
+    // connection that died while idle fails its first query instead; the
+    // error is classified as a connection error (callers retry or answer
+    // 503) and diesel-async marks it broken, so the pool drops it. Keepalives
+    // and the TCP user timeout (see `tuned`) find dead peers meanwhile.
+    let mut config = ManagerConfig::default();
+    config.recycling_method = RecyclingMethod::Fast;
+    let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(tuned(url), config);
     let pool = Pool::builder(manager)
         .max_size(max_size)
         .runtime(deadpool::Runtime::Tokio1)
