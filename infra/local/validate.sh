@@ -3,8 +3,12 @@
 #   - infra/docker-compose.yml against the compose-spec schema;
 #   - infra/k8s/*.yaml against Kubernetes' own schemas (strict: unknown
 #     fields are errors);
-#   - the Prometheus config and alert rules, and the Grafana dashboard, for
-#     their structure; and every metric they query is one the code emits.
+#   - the Prometheus config and alert rules with promtool (check config,
+#     check rules, and `test rules`: unit tests that show every alert firing
+#     on trouble and silent when healthy; every alert must have one);
+#   - the Grafana dashboard for its structure (datasource and prefix
+#     variables, no hard-coded prefix, stat panels with thresholds); and
+#     every metric the rules and panels query is one the code emits.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source infra/local/venv.sh
@@ -16,29 +20,62 @@ echo "compose: infra/docker-compose.yml"
 echo "kubernetes: infra/k8s/*.yaml (1.31, strict)"
 "$VENV/bin/kubernetes-validate" --strict --quiet -k 1.31.0 infra/k8s/*.yaml
 
-echo "prometheus, alerts and grafana"
+echo "prometheus: promtool check config, check rules, test rules"
+if ! command -v promtool >/dev/null; then
+  # Debian's prometheus package ships promtool.
+  echo "installing promtool (Debian package prometheus)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+promtool check config --syntax-only infra/prometheus/prometheus.yml
+promtool check rules infra/prometheus/alerts.yml
+(cd infra/prometheus && promtool test rules alerts.test.yml)
+
+echo "alert tests, grafana, and the metrics they query"
 "$VENV/bin/python" - <<'PY'
 import json, re, subprocess, sys, yaml
 
 problems = []
-config = yaml.safe_load(open("infra/prometheus/prometheus.yml"))
-for job in config["scrape_configs"]:
-    if not job.get("job_name") or not job.get("static_configs"):
-        problems.append(f"scrape config without job_name or targets: {job}")
 rules = yaml.safe_load(open("infra/prometheus/alerts.yml"))
 exprs = []
+alerts = set()
 for group in rules["groups"]:
     for rule in group["rules"]:
-        if not {"alert", "expr", "annotations"} <= rule.keys() or "summary" not in rule["annotations"]:
-            problems.append(f"alert rule missing alert/expr/summary: {rule.get('alert')}")
+        if "summary" not in rule.get("annotations", {}):
+            problems.append(f"alert without a summary: {rule.get('alert')}")
+        alerts.add(rule["alert"])
         exprs.append(rule.get("expr", ""))
+# promtool runs the tests; here: every alert has a test in which it fires.
+tests = yaml.safe_load(open("infra/prometheus/alerts.test.yml"))
+fired = {t["alertname"] for test in tests["tests"] for t in test.get("alert_rule_test", []) if t.get("exp_alerts")}
+for name in sorted(alerts - fired):
+    problems.append(f"alert {name} has no test in alerts.test.yml that shows it firing")
+
 dashboard = json.load(open("infra/grafana/dashboards/orderflow.json"))
+variables = {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
+if variables.get("datasource", {}).get("type") != "datasource":
+    problems.append("dashboard: no `datasource` variable (type datasource)")
+if "prefix" not in variables:
+    problems.append("dashboard: no `prefix` variable for the topology prefix")
+stats = 0
 for panel in dashboard["panels"]:
     if panel["type"] == "row":
         continue
     if not panel.get("targets"):
         problems.append(f"panel without queries: {panel['title']}")
+    if panel.get("datasource", {}).get("uid") != "${datasource}":
+        problems.append(f"panel {panel['title']!r} does not use the $datasource variable")
+    if panel["type"] == "stat":
+        steps = panel.get("fieldConfig", {}).get("defaults", {}).get("thresholds", {}).get("steps", [])
+        if len(steps) < 2:
+            problems.append(f"stat panel {panel['title']!r} has no thresholds")
+        stats += 1
+    for t in panel.get("targets", []):
+        if re.search(r"orderflow\\", t["expr"]):
+            problems.append(f"panel {panel['title']!r} hard-codes the prefix: {t['expr']}")
     exprs += [t["expr"] for t in panel.get("targets", [])]
+if stats < 3:
+    problems.append(f"dashboard: {stats} stat panels; want backlog, dead rows and dead letters at a glance")
 
 # Every orderflow metric queried must be one the Rust code records.
 source = subprocess.run(["grep", "-rhoE", r'(counter|gauge|histogram)!\("[a-z_]+"', "libs", "order-service",
@@ -49,7 +86,9 @@ keywords = {"and", "or", "unless", "bool"}
 for expr in exprs:
     # Drop grouping clauses, label matchers, ranges and numbers; what is
     # left that is not a function call is a metric name.
-    bare = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", expr)
+    # Dashboard variables (${prefix}) would confuse the matcher's braces.
+    bare = re.sub(r"\$\{\w+\}", "var", expr)
+    bare = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", bare)
     bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\b\d+(\.\d+)?\b", " ", bare)
     for name in set(re.findall(r"\b([a-z_][a-z0-9_]*)\b(?!\s*\()", bare)):
         base = re.sub(r"_(bucket|sum|count)$", "", name)
