@@ -108,7 +108,10 @@ start() {
 
 # Not in a subshell ($(...)), so that the trap knows the pids.
 start order-service --database-url "$PG_URL/$ORDERS_DB" >"$WORK/order-service.port"
-start processor-service --database-url "$PG_URL/$PROCESSOR_DB" >"$WORK/processor-service.port"
+# With a token, as in production: schemathesis sends it, and its auth
+# checks see that a request without it, or with another, is refused.
+ADMIN_TOKEN="fuzz-$RUN_ID"
+start processor-service --database-url "$PG_URL/$PROCESSOR_DB" --admin-token "$ADMIN_TOKEN" >"$WORK/processor-service.port"
 
 fuzz() {
   local name=$1 port
@@ -130,6 +133,7 @@ fuzz() {
   (cd "$WORK" && PYTHONPATH="$WORK" SCHEMATHESIS_HOOKS=orderflow_fuzz_hooks exec "$VENV/bin/st" run \
     "http://127.0.0.1:$port/openapi.json" \
     --checks all \
+    --header "Authorization: Bearer $ADMIN_TOKEN" \
     --max-examples "$EXAMPLES" \
     --seed "$SEED" \
     --workers 1 \

@@ -72,7 +72,14 @@ orderflow is running (logs in $LOGS/):
 
 Try:
   curl -s -XPOST localhost:8000/orders -H 'content-type: application/json' \\
-    -d '{"customer_id":"alice","items":[{"sku":"SKU-1","quantity":2,"price":2499}]}'
+    -d '{"order_id":"ord-001","customer_id":"cust-123","items":[{"sku":"laptop","quantity":1,"price":1200.0}]}'
+  curl -s localhost:8000/orders/ord-001
+
+$(if [[ -n "${ADMIN_TOKEN:-}" ]]; then
+  echo "Product and stock writes need: Authorization: Bearer \$ADMIN_TOKEN"
+else
+  echo "Product and stock writes are open: ADMIN_TOKEN is not set (fine on this machine; set it anywhere else)."
+fi)
 
 Ctrl-C stops everything.
 MSG

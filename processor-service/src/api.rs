@@ -28,6 +28,8 @@ pub struct AppState {
     pub breaker: Arc<CircuitBreaker>,
     /// The webhook, if configured.
     pub webhook_url: Option<String>,
+    /// What the write endpoints (products, stock) require.
+    pub admin: orderflow_web::AdminToken,
 }
 
 /// A SKU from the path, checked before any query: a SKU that breaks the
@@ -80,10 +82,12 @@ pub async fn get_product(sku: web::Path<String>, state: web::Data<AppState>) -> 
 /// Add a product.
 #[utoipa::path(
     tag = "products",
+    security(("admin_token" = [])),
     request_body(content = NewProduct, content_type = "application/json"),
     responses(
         (status = 201, description = "Added", body = Product),
         (status = 400, description = "Invalid product; `errors` names each field", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "A token is configured and the request lacks it", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The SKU exists", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
@@ -96,6 +100,7 @@ pub async fn create_product(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    state.admin.check(&req)?;
     let new: NewProduct = json_body(&req, payload, state.max_body_bytes).await?;
     let errors = new.check("");
     if !errors.is_empty() {
@@ -129,10 +134,12 @@ pub struct SetStock {
 #[utoipa::path(
     tag = "products",
     params(("sku" = String, Path, description = "Product SKU", pattern = r"^[A-Za-z0-9._-]{1,64}$")),
+    security(("admin_token" = [])),
     request_body(content = SetStock, content_type = "application/json"),
     responses(
         (status = 200, description = "The product with its new stock", body = Product),
         (status = 400, description = "Not a SKU, or an invalid body; `errors` names the field", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "A token is configured and the request lacks it", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such product", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
@@ -146,6 +153,7 @@ pub async fn set_stock(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    state.admin.check(&req)?;
     let sku = path_sku(&sku)?;
     let body: SetStock = json_body(&req, payload, state.max_body_bytes).await?;
     if !(0..=1_000_000_000).contains(&body.on_hand) {

@@ -3,6 +3,7 @@
 
 use actix_web::web;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use orderflow_web::auth::BearerScheme;
 use orderflow_web::{Readiness, Service, StartupError};
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
@@ -25,7 +26,8 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
         title = "orderflow processor-service",
         description = "Products and stock of the inventory stage. Money is a decimal amount in major units (19.99), at most 2 decimal places, read exactly."
     ),
-    components(schemas(orderflow_web::Problem, orderflow_web::FieldError))
+    components(schemas(orderflow_web::Problem, orderflow_web::FieldError)),
+    modifiers(&BearerScheme)
 )]
 struct ApiDoc;
 
@@ -100,11 +102,19 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
     }
     let readiness = Readiness::new(pool.clone(), connected);
 
+    let admin = orderflow_web::AdminToken::new(cfg.admin_token.clone());
+    if !admin.is_set() {
+        tracing::warn!(
+            "ADMIN_TOKEN is not set: POST /products and PUT /products/{{sku}}/stock are open to anyone who can \
+             reach this port (fine for local use; set ADMIN_TOKEN anywhere else)"
+        );
+    }
     let state = AppState {
         pool,
         max_body_bytes: cfg.max_body_bytes as usize,
         breaker,
         webhook_url: cfg.notify_webhook_url.clone(),
+        admin,
     };
     let (server, port) = orderflow_web::http_server(cfg.http_addr, ApiDoc::openapi(), readiness, move |routes| {
         routes

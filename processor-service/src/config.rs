@@ -60,6 +60,11 @@ pub struct Config {
         default_value = "inventory,payment,shipping,notification"
     )]
     pub stages: Vec<Stage>,
+    /// Bearer token that creating products and setting stock require
+    /// (`Authorization: Bearer <token>`). Unset: those endpoints are open
+    /// (local use), and the service says so at start.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Webhook that notifications are POSTed to (unset: they are recorded, not delivered).
     #[arg(long, env = "NOTIFY_WEBHOOK_URL", value_parser = orderflow_telemetry::args::http_url)]
     pub notify_webhook_url: Option<String>,

@@ -184,3 +184,47 @@ async fn orders_list_by_status_and_customer_with_cursor_pages() {
     assert_eq!(odd_confirmed["items"].as_array().unwrap().len(), 2);
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn product_writes_need_the_admin_token_when_one_is_set() {
+    let extra = vec!["--admin-token".to_owned(), "s3cret".to_owned()];
+    let sys = System::start(Options { processor_extra: extra, ..Options::default() }).await;
+    let product = json!({"sku": "SKU-9", "name": "Grinder", "price": 89.99, "on_hand": 20});
+    let post = |auth: Option<&str>| {
+        let mut r = sys.http.post(sys.processor_url("/products")).json(&product);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    for auth in [None, Some("Bearer wrong"), Some("Basic czNjcmV0"), Some("Bearer ")] {
+        let r = post(auth).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let problem: Value = r.json().await.unwrap();
+        assert_eq!(problem["status"], 401, "{problem}");
+    }
+    let r = sys.http.put(sys.processor_url("/products/SKU-1/stock")).json(&json!({"on_hand": 5})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(sys.product("SKU-1").await["on_hand"], 100, "nothing changed");
+    assert!(sys.http.get(sys.processor_url("/products/SKU-9")).send().await.unwrap().status() == StatusCode::NOT_FOUND);
+
+    let r = post(Some("Bearer s3cret")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = sys
+        .http
+        .put(sys.processor_url("/products/SKU-9/stock"))
+        .header("authorization", "Bearer s3cret")
+        .json(&json!({"on_hand": 35}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Reads stay open; the contract names the scheme.
+    assert_eq!(sys.product("SKU-9").await["on_hand"], 35);
+    let doc = sys.get_json(&sys.processor_url("/openapi.json")).await;
+    assert_eq!(doc["components"]["securitySchemes"]["admin_token"]["scheme"], "bearer", "{}", doc["components"]);
+    assert_eq!(doc["paths"]["/products"]["post"]["security"][0]["admin_token"], json!([]));
+    sys.stop().await;
+}

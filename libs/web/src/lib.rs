@@ -6,6 +6,7 @@
 //!   bad field is reported by its path (`items[0].quantity`);
 //! - [`integer`]: integer body fields that also take whole numbers spelled
 //!   `2.0`, as JSON Schema's `integer` does;
+//! - [`auth`]: bearer tokens ([`AdminToken`]) for write endpoints;
 //! - [`schema`]: OpenAPI schemas of money amounts and client-chosen ids;
 //! - [`extractor_errors`]: path and query extractors answering problem+json;
 //! - [`not_found_fallback`]: 404 for unknown paths, 405 with `Allow` for a
@@ -17,6 +18,7 @@
 //! - [`Service`]: a server and its consumers, run and drained together;
 //! - [`shutdown_signal`]: a token cancelled on SIGINT or SIGTERM.
 
+pub mod auth;
 mod body;
 mod error;
 mod health;
@@ -26,6 +28,7 @@ mod problem;
 pub mod schema;
 mod service;
 
+pub use auth::AdminToken;
 pub use body::json_body;
 pub use error::ApiError;
 pub use health::{Readiness, health, metrics, ready};

@@ -71,6 +71,11 @@ impl Problem {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail.into())
     }
 
+    /// 401: a missing or wrong bearer token.
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", detail.into())
+    }
+
     /// 409.
     pub fn conflict(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", "Conflict", detail.into())
@@ -93,7 +98,12 @@ impl ResponseError for Problem {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code()).insert_header(ContentType(problem_mime())).json(self)
+        let mut response = HttpResponse::build(self.status_code());
+        response.insert_header(ContentType(problem_mime()));
+        if self.status == StatusCode::UNAUTHORIZED.as_u16() {
+            response.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        response.json(self)
     }
 }
 
