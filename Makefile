@@ -36,9 +36,10 @@ validate-infra: ## Validate the compose file, the Kubernetes manifests, Promethe
 fuzz: services build ## Fuzz both services' OpenAPI contracts with schemathesis (no 5xx, nothing outside the documented schema)
 	BIN=$(CARGO_TARGET_DIR)/debug infra/local/fuzz.sh
 
-lint: ## Formatting and clippy, warnings are errors
+lint: ## Formatting, clippy (warnings are errors), cargo doc, supply chain (cargo deny)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	infra/local/deny.sh
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
