@@ -36,15 +36,16 @@ pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel:
     .await
 }
 
-/// Records the outcomes of a batch in the claim transaction.
+/// Records the outcomes of a batch in the claim transaction. A row without
+/// an outcome was not sent (its batch stopped before it): it stays as it was.
 pub(crate) async fn mark(
     conn: &mut Conn,
     rows: &[PendingRow],
-    outcomes: &[Outcome],
+    outcomes: &[Option<Outcome>],
     cfg: &RelayConfig,
 ) -> diesel::QueryResult<()> {
     let published: Vec<i64> =
-        rows.iter().zip(outcomes).filter(|(_, o)| **o == Outcome::Published).map(|(r, _)| r.id).collect();
+        rows.iter().zip(outcomes).filter(|(_, o)| **o == Some(Outcome::Published)).map(|(r, _)| r.id).collect();
     if !published.is_empty() {
         // Zero retention: nothing to keep, one write instead of two.
         let sql = if cfg.retention.published.is_zero() {
@@ -56,10 +57,10 @@ pub(crate) async fn mark(
     }
     for (row, outcome) in rows.iter().zip(outcomes) {
         let (error, max_attempts) = match outcome {
-            Outcome::Failed(e) => (e, cfg.max_attempts),
+            Some(Outcome::Failed(e)) => (e, cfg.max_attempts),
             // Retrying cannot fix the row: dead on this attempt.
-            Outcome::Invalid(e) => (e, 0),
-            Outcome::Published => continue,
+            Some(Outcome::Invalid(e)) => (e, 0),
+            Some(Outcome::Published) | None => continue,
         };
         let delay = backoff(row.attempts, cfg);
         let dead = row.attempts + 1 >= max_attempts;
