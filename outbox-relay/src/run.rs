@@ -36,7 +36,9 @@ async fn preflight(url: &str) -> anyhow::Result<()> {
 /// `GET /health`: 200 while the relay publishes its share of the outbox
 /// (broker channel and database session both up), 503 otherwise, with
 /// which side is down. A relay that cannot reach the broker has given up
-/// its lanes; it is alive, but not working.
+/// its lanes; it is alive, but not working (`/live` says only that the
+/// process serves: the liveness probe, which must not restart a relay for
+/// an outage a restart cannot fix).
 async fn health(health: web::Data<Health>) -> HttpResponse {
     let body = serde_json::json!({
         "status": if health.working() { "ok" } else { "unavailable" },
@@ -87,6 +89,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 App::new()
                     .app_data(data.clone())
                     .route("/health", web::get().to(health))
+                    .route("/live", web::get().to(orderflow_web::health))
                     .route("/metrics", web::get().to(orderflow_web::metrics))
             })
             .listen(listener)?
