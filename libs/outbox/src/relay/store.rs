@@ -55,6 +55,8 @@ pub(crate) async fn mark(
         };
         diesel::sql_query(sql).bind::<Array<BigInt>, _>(&published).execute(conn).await?;
     }
+    // Failed rows: one statement for all of them, not a round trip each.
+    let (mut ids, mut errors, mut delays, mut deads) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (row, outcome) in rows.iter().zip(outcomes) {
         let (error, max_attempts) = match outcome {
             Some(Outcome::Failed(e)) => (e, cfg.max_attempts),
@@ -72,16 +74,23 @@ pub(crate) async fn mark(
             tracing::warn!(id = row.id, event_type = %row.event_type, attempts = row.attempts + 1,
                 retry_in = ?delay, error = %error, "publish failed, backing off");
         }
+        ids.push(row.id);
+        errors.push(error.as_str());
+        delays.push(delay.as_secs_f64());
+        deads.push(dead);
+    }
+    if !ids.is_empty() {
         diesel::sql_query(
-            "UPDATE outbox SET attempts = attempts + 1, last_error = $2, \
-                 next_attempt_at = clock_timestamp() + make_interval(secs => $3), \
-                 dead_at = CASE WHEN $4 THEN clock_timestamp() END \
-             WHERE id = $1",
+            "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.error, \
+                 next_attempt_at = clock_timestamp() + make_interval(secs => f.delay), \
+                 dead_at = CASE WHEN f.dead THEN clock_timestamp() END \
+             FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) AS f(id, error, delay, dead) \
+             WHERE o.id = f.id",
         )
-        .bind::<BigInt, _>(row.id)
-        .bind::<Text, _>(error)
-        .bind::<Double, _>(delay.as_secs_f64())
-        .bind::<diesel::sql_types::Bool, _>(dead)
+        .bind::<Array<BigInt>, _>(&ids)
+        .bind::<Array<Text>, _>(&errors)
+        .bind::<Array<Double>, _>(&delays)
+        .bind::<Array<diesel::sql_types::Bool>, _>(&deads)
         .execute(conn)
         .await?;
     }
