@@ -81,6 +81,7 @@ async fn a_relay_cut_off_from_the_broker_alone_gives_its_lanes_away_and_reports_
         matches!(health_status(port).await, Some(s) if s != 200)
     })
     .await;
+    assert_eq!(http_status(port, "/live").await, Some(200), "alive all the same: a restart would not help");
     let got = drain_until(&channel, &queue, 2000).await;
     assert_in_order(got, 400, 5);
 

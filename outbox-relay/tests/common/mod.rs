@@ -152,9 +152,14 @@ pub fn free_port() -> u16 {
 
 /// The HTTP status of `GET /health` on 127.0.0.1:`port`, or None if nothing answers.
 pub async fn health_status(port: u16) -> Option<u16> {
+    http_status(port, "/health").await
+}
+
+/// The HTTP status of `GET path` on 127.0.0.1:`port`, or None if nothing answers.
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await.ok()?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await.ok()?.ok()?;
     let text = String::from_utf8_lossy(&response);
