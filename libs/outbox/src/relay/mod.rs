@@ -665,6 +665,12 @@ impl Db {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; rows.len()];
         let mut failure = None;
         for (i, row) in rows.iter().enumerate() {
+            // One confirm at a time is slow: stop at the lease interval so
+            // the session keeps rebalancing (and is not ended as idle); the
+            // rows not sent stay as they were, for the next batch.
+            if i > 0 && started.elapsed() >= cfg.lease_interval {
+                break;
+            }
             let answer = match publisher.send(i, row).await {
                 Ok(Err(outcome)) => {
                     outcomes[i] = Some(outcome);
