@@ -8,9 +8,10 @@
 //!    backlog of the same number of outbox rows; ratio = drain / ceiling;
 //!    (by default published rows are deleted; also measured with rows kept);
 //! 3. latency at a steady rate (default 1,000 events/s, one event per
-//!    transaction from 4 writers): from each writer's commit to the message's
-//!    delivery at a consumer, next to the floor of a raw publisher at the
-//!    same rate (publish to delivery);
+//!    transaction from 4 writers, each waking the relays after its commit
+//!    through an `orderflow_outbox::Waker`, as the services do): from each
+//!    writer's commit to the message's delivery at a consumer, next to the
+//!    floor of a raw publisher at the same rate (publish to delivery);
 //! 4. the relay's peak memory (VmHWM).
 //!
 //! Sizes: BENCH_ROWS (100000), BENCH_ROUNDS (3), BENCH_RATE (1000 per
@@ -36,8 +37,10 @@ use orderflow_broker::{QueueSpec, properties_for};
 use orderflow_db::{Conn, Pool};
 use orderflow_envelope::events::PaymentDeclined;
 use orderflow_envelope::{Envelope, Metadata};
+use orderflow_outbox::Waker;
 use orderflow_testkit::{TestBroker, TestDb};
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const WINDOW: usize = 1000;
@@ -225,12 +228,13 @@ async fn wait_received(received: &Mutex<HashMap<Uuid, SystemTime>>, n: usize) {
 }
 
 /// `rate` single-event transactions per second from 4 writers for
-/// `seconds`, as the relay's writers do; returns each event's commit time.
-async fn write_load(pool: Pool, rate: u64, seconds: u64) -> HashMap<Uuid, SystemTime> {
+/// `seconds`, as the relay's writers do: each wakes the relays after its
+/// commit through `waker`. Returns each event's commit time.
+async fn write_load(pool: Pool, waker: Waker, rate: u64, seconds: u64) -> HashMap<Uuid, SystemTime> {
     let writers = 4u64;
     let tasks: Vec<_> = (0..writers)
         .map(|_| {
-            let pool = pool.clone();
+            let (pool, waker) = (pool.clone(), waker.clone());
             tokio::spawn(async move {
                 let mut commits = Vec::new();
                 let mut tick = tokio::time::interval(Duration::from_secs_f64(writers as f64 / rate as f64));
@@ -239,6 +243,7 @@ async fn write_load(pool: Pool, rate: u64, seconds: u64) -> HashMap<Uuid, System
                     let env = event();
                     append(&pool, std::slice::from_ref(&env)).await;
                     commits.push((env.message_id, SystemTime::now()));
+                    waker.wake();
                 }
                 commits
             })
@@ -261,7 +266,9 @@ async fn raw_latency(
     seconds: u64,
     load: Option<&TestDb>,
 ) -> Histogram<u64> {
-    let load = load.map(|db| tokio::spawn(write_load(db.pool.clone(), rate, seconds)));
+    let stop = CancellationToken::new();
+    let load =
+        load.map(|db| tokio::spawn(write_load(db.pool.clone(), Waker::start(&db.url, stop.clone()), rate, seconds)));
     let (task, received) = receiver(broker, queue).await;
     let (_conn, channel) = broker.channel().await;
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
@@ -295,6 +302,7 @@ async fn raw_latency(
     if let Some(load) = load {
         load.await.unwrap();
     }
+    stop.cancel();
     let received = received.lock().unwrap().clone();
     histogram(&sent, &received)
 }
@@ -316,13 +324,17 @@ async fn relay_latency(
     }
     let (task, received) = receiver(broker, queue).await;
     let mut child = relay(db, broker, &[]);
+    let stop = CancellationToken::new();
+    let waker = Waker::start(&db.url, stop.clone());
     // Let the relay connect and take its lanes before the clock starts.
     append(&db.pool, &[event()]).await;
+    waker.wake();
     wait_drained(&db.pool, Duration::from_secs(30)).await;
     wait_received(&received, 1).await;
     received.lock().unwrap().clear();
-    let sent = write_load(db.pool.clone(), rate, seconds).await;
+    let sent = write_load(db.pool.clone(), waker, rate, seconds).await;
     wait_received(&received, sent.len()).await;
+    stop.cancel();
     let peak = child.id().and_then(peak_memory_kib);
     let _ = child.kill().await;
     task.abort();

@@ -253,6 +253,15 @@ pub struct RunArgs {
     /// Longest wait between reconnect attempts while the broker or the database is down.
     #[arg(long, env = "RELAY_RECONNECT_MAX", default_value = "30s", value_parser = orderflow_telemetry::args::duration)]
     pub reconnect_max: Duration,
+    /// A database operation unanswered this long means a stalled connection: the relay drops it,
+    /// and the server ends a relay session that sent nothing this long, freeing its lanes for the
+    /// other relays. At least twice the lease interval.
+    #[arg(long, env = "RELAY_SESSION_TIMEOUT", default_value = "30s", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub session_timeout: Duration,
+    /// Rows whose message body is larger are parked dead at once (keep it at or below the broker's
+    /// max_message_size; writers refuse such events with the same default).
+    #[arg(long, env = "RELAY_MAX_MESSAGE_BYTES", default_value_t = orderflow_outbox::DEFAULT_MAX_MESSAGE_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=536_870_912))]
+    pub max_message_bytes: usize,
     /// Keep published rows this long (e.g. 1h, for audits or `replay --scope published`);
     /// 0 deletes them as soon as they are published, which is the fastest.
     #[arg(long, env = "RELAY_PUBLISHED_RETENTION", default_value = "0s", value_parser = orderflow_telemetry::args::duration)]

@@ -1,12 +1,12 @@
 //! `outbox-relay run`.
 
-use actix_web::{App, HttpServer, web};
+use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::{Context, bail};
 use diesel::QueryableByName;
 use diesel::sql_types::Bool;
 use diesel_async::RunQueryDsl;
 use orderflow_broker::Topology;
-use orderflow_outbox::relay::{self, RelayConfig};
+use orderflow_outbox::relay::{self, Health, RelayConfig};
 
 use crate::cli::RunArgs;
 
@@ -33,10 +33,23 @@ async fn preflight(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `GET /health`: 200 while the relay publishes its share of the outbox
+/// (broker channel and database session both up), 503 otherwise, with
+/// which side is down. A relay that cannot reach the broker has given up
+/// its lanes; it is alive, but not working (`/live` says only that the
+/// process serves: the liveness probe, which must not restart a relay for
+/// an outage a restart cannot fix).
+async fn health(health: web::Data<Health>) -> HttpResponse {
+    let body = serde_json::json!({
+        "status": if health.working() { "ok" } else { "unavailable" },
+        "broker": health.broker(),
+        "database": health.database(),
+    });
+    if health.working() { HttpResponse::Ok().json(body) } else { HttpResponse::ServiceUnavailable().json(body) }
+}
+
 /// Runs the relay until SIGTERM or Ctrl-C.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    preflight(&args.target.database_url).await?;
-    let shutdown = orderflow_web::shutdown_signal();
     let mut cfg = RelayConfig::new(
         args.target.database_url.clone(),
         args.target.amqp_url.clone(),
@@ -54,20 +67,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     cfg.retry_max = args.retry_max;
     cfg.confirm_timeout = args.confirm_timeout;
     cfg.reconnect_max = args.reconnect_max;
+    cfg.session_timeout = args.session_timeout;
+    cfg.max_message_bytes = args.max_message_bytes;
     cfg.retention = orderflow_outbox::relay::retention::Retention {
         published: args.published_retention,
         inbox: args.inbox_retention,
         interval: args.retention_interval,
         ..Default::default()
     };
+    cfg.validate()?;
+    preflight(&args.target.database_url).await?;
+    let shutdown = orderflow_web::shutdown_signal();
+    let status = Health::default();
 
     orderflow_telemetry::metrics();
     let server = match args.metrics_addr.0 {
         Some(addr) => {
             let (listener, port) = orderflow_web::bind(addr)?;
-            let server = HttpServer::new(|| {
+            let data = web::Data::new(status.clone());
+            let server = HttpServer::new(move || {
                 App::new()
-                    .route("/health", web::get().to(orderflow_web::health))
+                    .app_data(data.clone())
+                    .route("/health", web::get().to(health))
+                    .route("/live", web::get().to(orderflow_web::health))
                     .route("/metrics", web::get().to(orderflow_web::metrics))
             })
             .listen(listener)?
@@ -81,7 +103,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let handle = server.as_ref().map(|s| s.handle());
     let served = server.map(tokio::spawn);
-    relay::run(cfg, shutdown).await;
+    relay::run_with(cfg, shutdown, status).await;
     if let Some(handle) = handle {
         handle.stop(true).await;
     }

@@ -13,18 +13,6 @@ use uuid::Uuid;
 
 const AGGREGATES: usize = 24;
 
-async fn lanes_by_relay(db: &TestDb) -> HashMap<String, usize> {
-    let (ok, out, err) = command(&["status", "--database-url", &db.url, "--json"]).await;
-    assert!(ok, "{err}");
-    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
-    status["relays"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["name"].as_str().unwrap().to_owned(), r["lanes"].as_array().unwrap().len()))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_one_killed_and_restarted_repeatedly_lose_nothing_and_keep_order() {
     let db = TestDb::new(None).await;

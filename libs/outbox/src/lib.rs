@@ -1,6 +1,7 @@
 //! The transactional outbox.
 //!
-//! - [`append`] writes events in the caller's transaction; after the commit
+//! - [`append`] writes events in the caller's transaction (refusing, with
+//!   [`Unpublishable`], what can never be published); after the commit
 //!   the caller wakes the relays with [`Waker::wake`] (one coalesced
 //!   `NOTIFY` outside the writer's commit; the relays' poll is the safety
 //!   net for a lost wake-up).
@@ -11,12 +12,14 @@
 pub mod admin;
 pub mod backoff;
 mod failpoint;
+mod limits;
 pub mod relay;
 mod row;
 mod waker;
 mod writer;
 
 pub use failpoint::failpoint;
+pub use limits::{DEFAULT_MAX_MESSAGE_BYTES, Limits, MAX_EVENT_TYPE_BYTES, MAX_HEADER_BYTES, Unpublishable};
 pub use row::{OutboxHeaders, PendingRow};
 pub use waker::{Waker, notify};
-pub use writer::{NOTIFY_CHANNEL, append, emit};
+pub use writer::{NOTIFY_CHANNEL, append, append_with, emit};

@@ -6,6 +6,7 @@ use orderflow_db::schema::outbox;
 use orderflow_envelope::{DomainEvent, Envelope, Metadata};
 use uuid::Uuid;
 
+use crate::limits::{Limits, Unpublishable};
 use crate::row::OutboxHeaders;
 
 /// The PostgreSQL channel on which writers wake relays.
@@ -31,9 +32,27 @@ struct NewRow<'a> {
 /// the caller commits. After the commit, the caller wakes the relay with
 /// [`crate::Waker::wake`] (no `NOTIFY` here: it would serialize every
 /// writer's commit on PostgreSQL's server-wide notify lock).
+///
+/// An event that can never be published (see [`Limits::check`]: an event
+/// type over 255 bytes, a message above [`Limits::max_message_bytes`]) is
+/// refused before anything is written, with an
+/// [`Unpublishable`] inside `diesel::result::Error::SerializationError`
+/// (get it with [`Unpublishable::find`]); the transaction stays usable.
 pub async fn append(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
+    append_with(conn, events, &Limits::default()).await
+}
+
+/// [`append`] with size limits other than the defaults (e.g. a broker whose
+/// `max_message_size` is lower).
+pub async fn append_with(conn: &mut Conn, events: &[Envelope], limits: &Limits) -> QueryResult<()> {
     if events.is_empty() {
         return Ok(());
+    }
+    for e in events {
+        limits.check(e).map_err(|refused: Unpublishable| {
+            metrics::counter!("outbox_append_refused_total").increment(1);
+            diesel::result::Error::SerializationError(Box::new(refused))
+        })?;
     }
     let rows = events
         .iter()

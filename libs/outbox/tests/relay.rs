@@ -252,3 +252,73 @@ async fn zero_retention_deletes_rows_as_they_are_published() {
     shutdown.cancel();
     relay.await.unwrap();
 }
+
+#[derive(QueryableByName)]
+struct Tally {
+    #[diesel(sql_type = BigInt)]
+    published: i64,
+    #[diesel(sql_type = BigInt)]
+    charged: i64,
+}
+
+/// Issue 11, defect 1: with many publishes in flight the broker merges acks
+/// (`multiple`), and the client library hands a `basic.return` to whichever
+/// confirm completes first. Returns must be matched to rows by message id:
+/// an unroutable row is never marked published, a delivered one never
+/// charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_are_credited_to_the_returned_row_even_when_acks_are_merged() {
+    let db = TestDb::new(None).await;
+    let broker = TestBroker::new().await;
+    // payment.declined is routed; payment.refunded comes back unroutable.
+    let (_conn, _channel) = probe(&broker, &["payment.declined"]).await;
+    let mut cfg = fast(&db, &broker);
+    // Keep published rows, so that a wrongly published one stays visible;
+    // try each unroutable row once within the test.
+    cfg.retention.published = Duration::from_secs(3600);
+    cfg.retry_base = Duration::from_secs(600);
+    cfg.retry_max = Duration::from_secs(600);
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(relay::run(cfg, shutdown.clone()));
+
+    // 10 rounds of 500 rows, alternating a bound and an unbound event type,
+    // each on an aggregate of its own.
+    for _ in 0..10 {
+        let events = (0..500)
+            .map(|i| {
+                let order = Uuid::now_v7();
+                if i % 2 == 0 {
+                    declined(order, 1)
+                } else {
+                    Envelope::new(
+                        &PaymentRefunded { order_id: order, payment_id: Uuid::now_v7(), amount: 1 },
+                        1,
+                        &Metadata::default(),
+                    )
+                    .unwrap()
+                }
+            })
+            .collect();
+        write(&db.pool, events).await;
+    }
+    let tally = || async {
+        let mut conn = db.pool.get().await.unwrap();
+        diesel::sql_query(
+            "SELECT count(*) FILTER (WHERE event_type = 'payment.refunded' AND published_at IS NOT NULL) AS published, \
+                    count(*) FILTER (WHERE event_type = 'payment.declined' AND attempts > 0) AS charged \
+             FROM outbox",
+        )
+        .get_result::<Tally>(&mut conn)
+        .await
+        .unwrap()
+    };
+    eventually("every row published or charged once", DEADLINE, || async {
+        count(&db.pool, "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL AND attempts = 0").await == 0
+    })
+    .await;
+    let t = tally().await;
+    shutdown.cancel();
+    relay.await.unwrap();
+    assert_eq!(t.published, 0, "unroutable rows marked published (lost)");
+    assert_eq!(t.charged, 0, "delivered rows charged a failed attempt (duplicates)");
+}

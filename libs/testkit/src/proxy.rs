@@ -27,6 +27,7 @@ pub struct FaultProxy {
     mode: watch::Sender<ProxyMode>,
     open: Arc<AtomicUsize>,
     refused: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -38,7 +39,8 @@ impl FaultProxy {
         let (mode, watcher) = watch::channel(ProxyMode::Pass);
         let open = Arc::new(AtomicUsize::new(0));
         let refused = Arc::new(AtomicUsize::new(0));
-        let (counter, refusals) = (open.clone(), refused.clone());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (counter, refusals, accepts) = (open.clone(), refused.clone(), accepted.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if *watcher.borrow() == ProxyMode::Cut {
@@ -46,6 +48,7 @@ impl FaultProxy {
                     drop(client);
                     continue;
                 }
+                accepts.fetch_add(1, Ordering::SeqCst);
                 let (watcher, counter) = (watcher.clone(), counter.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
@@ -64,7 +67,7 @@ impl FaultProxy {
                 });
             }
         });
-        Self { addr, mode, open, refused, task }
+        Self { addr, mode, open, refused, accepted, task }
     }
 
     /// Proxy for the host and port of `url` (a postgres:// or amqp:// URL).
@@ -116,6 +119,12 @@ impl FaultProxy {
     /// trying to reconnect).
     pub fn refused_connections(&self) -> usize {
         self.refused.load(Ordering::SeqCst)
+    }
+
+    /// Connections let through since the proxy started (a count of a
+    /// client's reconnects while the server accepts them).
+    pub fn accepted_connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Connections currently open through the proxy.

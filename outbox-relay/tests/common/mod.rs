@@ -35,10 +35,16 @@ pub fn spawn_relay(args: &[&str]) -> Child {
 
 /// `outbox-relay run` on `db` with fast test settings and `extra` flags.
 pub fn run_relay(db: &TestDb, amqp_url: &str, prefix: &str, id: &str, extra: &[&str]) -> Child {
+    run_relay_at(&db.url, amqp_url, prefix, id, extra)
+}
+
+/// `outbox-relay run` on the database at `database_url` (e.g. through a
+/// fault proxy) with fast test settings and `extra` flags.
+pub fn run_relay_at(database_url: &str, amqp_url: &str, prefix: &str, id: &str, extra: &[&str]) -> Child {
     let mut args = vec![
         "run",
         "--database-url",
-        &db.url,
+        database_url,
         "--amqp-url",
         amqp_url,
         "--topology-prefix",
@@ -53,9 +59,10 @@ pub fn run_relay(db: &TestDb, amqp_url: &str, prefix: &str, id: &str, extra: &[&
         "200ms",
         "--reconnect-max",
         "1s",
-        "--metrics-addr",
-        "off",
     ];
+    if !extra.contains(&"--metrics-addr") {
+        args.extend(["--metrics-addr", "off"]);
+    }
     args.extend_from_slice(extra);
     spawn_relay(&args)
 }
@@ -127,4 +134,80 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     // Clock ticks are 100 per second on Linux.
     ticks / 100.0
+}
+
+/// Lanes owned per relay name, from `outbox-relay status --json`.
+pub async fn lanes_by_relay(db: &TestDb) -> std::collections::HashMap<String, usize> {
+    let (ok, out, err) = command(&["status", "--database-url", &db.url, "--json"]).await;
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    status["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap().to_owned(), r["lanes"].as_array().unwrap().len()))
+        .collect()
+}
+
+/// A local port that was free a moment ago, for a child's metrics listener.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The HTTP status of `GET /health` on 127.0.0.1:`port`, or None if nothing answers.
+pub async fn health_status(port: u16) -> Option<u16> {
+    http_status(port, "/health").await
+}
+
+/// The HTTP status of `GET path` on 127.0.0.1:`port`, or None if nothing answers.
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every unpublished row (rows are kept or deleted when published).
+pub async fn unpublished(db: &TestDb) -> i64 {
+    count(&db.pool, "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL AND dead_at IS NULL").await
+}
+
+/// Deduplicates `got` by message id (as a consumer would) and checks that
+/// every aggregate's versions arrived complete and in order.
+pub fn assert_in_order(got: Vec<Envelope>, aggregates: usize, versions: i64) {
+    let mut seen = std::collections::HashSet::new();
+    let mut by_aggregate: std::collections::HashMap<String, Vec<i64>> = std::collections::HashMap::new();
+    for env in got {
+        if seen.insert(env.message_id) {
+            by_aggregate.entry(env.aggregate_id.clone()).or_default().push(env.aggregate_version);
+        }
+    }
+    assert_eq!(by_aggregate.len(), aggregates);
+    for (aggregate, v) in by_aggregate {
+        assert_eq!(v, (1..=versions).collect::<Vec<_>>(), "aggregate {aggregate}");
+    }
+}
+
+/// Takes messages from `queue` until `distinct` different message ids have
+/// arrived (duplicates kept), within [`DEADLINE`].
+pub async fn drain_until(channel: &Channel, queue: &str, distinct: usize) -> Vec<Envelope> {
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        for env in drain(channel, queue).await {
+            ids.insert(env.message_id);
+            got.push(env);
+        }
+        if ids.len() >= distinct {
+            return got;
+        }
+        assert!(started.elapsed() < DEADLINE, "{} of {distinct} messages arrived in {queue}", ids.len());
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
 }

@@ -36,15 +36,16 @@ pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel:
     .await
 }
 
-/// Records the outcomes of a batch in the claim transaction.
+/// Records the outcomes of a batch in the claim transaction. A row without
+/// an outcome was not sent (its batch stopped before it): it stays as it was.
 pub(crate) async fn mark(
     conn: &mut Conn,
     rows: &[PendingRow],
-    outcomes: &[Outcome],
+    outcomes: &[Option<Outcome>],
     cfg: &RelayConfig,
 ) -> diesel::QueryResult<()> {
     let published: Vec<i64> =
-        rows.iter().zip(outcomes).filter(|(_, o)| **o == Outcome::Published).map(|(r, _)| r.id).collect();
+        rows.iter().zip(outcomes).filter(|(_, o)| **o == Some(Outcome::Published)).map(|(r, _)| r.id).collect();
     if !published.is_empty() {
         // Zero retention: nothing to keep, one write instead of two.
         let sql = if cfg.retention.published.is_zero() {
@@ -54,12 +55,14 @@ pub(crate) async fn mark(
         };
         diesel::sql_query(sql).bind::<Array<BigInt>, _>(&published).execute(conn).await?;
     }
+    // Failed rows: one statement for all of them, not a round trip each.
+    let (mut ids, mut errors, mut delays, mut deads) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (row, outcome) in rows.iter().zip(outcomes) {
         let (error, max_attempts) = match outcome {
-            Outcome::Failed(e) => (e, cfg.max_attempts),
+            Some(Outcome::Failed(e)) => (e, cfg.max_attempts),
             // Retrying cannot fix the row: dead on this attempt.
-            Outcome::Invalid(e) => (e, 0),
-            Outcome::Published => continue,
+            Some(Outcome::Invalid(e)) => (e, 0),
+            Some(Outcome::Published) | None => continue,
         };
         let delay = backoff(row.attempts, cfg);
         let dead = row.attempts + 1 >= max_attempts;
@@ -71,16 +74,23 @@ pub(crate) async fn mark(
             tracing::warn!(id = row.id, event_type = %row.event_type, attempts = row.attempts + 1,
                 retry_in = ?delay, error = %error, "publish failed, backing off");
         }
+        ids.push(row.id);
+        errors.push(error.as_str());
+        delays.push(delay.as_secs_f64());
+        deads.push(dead);
+    }
+    if !ids.is_empty() {
         diesel::sql_query(
-            "UPDATE outbox SET attempts = attempts + 1, last_error = $2, \
-                 next_attempt_at = clock_timestamp() + make_interval(secs => $3), \
-                 dead_at = CASE WHEN $4 THEN clock_timestamp() END \
-             WHERE id = $1",
+            "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.error, \
+                 next_attempt_at = clock_timestamp() + make_interval(secs => f.delay), \
+                 dead_at = CASE WHEN f.dead THEN clock_timestamp() END \
+             FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) AS f(id, error, delay, dead) \
+             WHERE o.id = f.id",
         )
-        .bind::<BigInt, _>(row.id)
-        .bind::<Text, _>(error)
-        .bind::<Double, _>(delay.as_secs_f64())
-        .bind::<diesel::sql_types::Bool, _>(dead)
+        .bind::<Array<BigInt>, _>(&ids)
+        .bind::<Array<Text>, _>(&errors)
+        .bind::<Array<Double>, _>(&delays)
+        .bind::<Array<diesel::sql_types::Bool>, _>(&deads)
         .execute(conn)
         .await?;
     }
