@@ -23,10 +23,11 @@
 //! before the original is acked, so nothing is lost in between.
 
 mod args;
+mod error;
 mod handler;
 mod runtime;
 
 pub use args::ConsumerArgs;
-
+pub use error::ConsumerError;
 pub use handler::{Handler, HandlerError, Incoming};
-pub use runtime::{ConsumerConfig, declare, headers, run};
+pub use runtime::{ConsumerConfig, declare, headers, prepare, run};
