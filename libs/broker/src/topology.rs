@@ -261,20 +261,57 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Resul
         })
 }
 
-/// Reads the broker's "inequivalent arg" refusal: `PRECONDITION_FAILED -
+/// Reads the broker's "inequivalent arg" refusal, e.g. `PRECONDITION_FAILED -
 /// inequivalent arg 'x-delivery-limit' for queue 'q' in vhost '/': received
-/// the value '7' of type 'signedint' but current is the value '5' of type
-/// 'signedint'` (or `... but current is none`).
+/// '7' but current is '5'` (other types read `received the value '7' of
+/// type 'longstr' but current is none`).
 fn inequivalent(queue: &str, error: &lapin::Error) -> Option<BrokerError> {
     let text = error.to_string();
     let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
     let argument = rest[..rest.find('\'')?].to_owned();
-    let quoted_after = |marker: &str| -> Option<String> {
-        let at = text.find(marker)? + marker.len();
-        let tail = &text[at..];
-        Some(tail[..tail.find('\'')?].to_owned())
+    // The value after `marker`: quoted (with or without "the value "), or a
+    // bare word such as `none`.
+    let value_after = |marker: &str| -> String {
+        let Some(at) = text.find(marker) else { return "none".into() };
+        let tail = text[at + marker.len()..].trim_start();
+        let tail = tail.strip_prefix("the value ").unwrap_or(tail);
+        match tail.strip_prefix('\'') {
+            Some(quoted) => quoted.split('\'').next().unwrap_or_default().to_owned(),
+            None => tail.split(|c: char| !c.is_alphanumeric()).next().unwrap_or_default().to_owned(),
+        }
     };
-    let wanted = quoted_after("received the value '").unwrap_or_else(|| "none".into());
-    let existing = quoted_after("current is the value '").unwrap_or_else(|| "none".into());
+    let wanted = value_after("received ");
+    let existing = value_after("but current is ");
     Some(BrokerError::Inequivalent { queue: queue.to_owned(), argument, existing, wanted, source: error.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(text: &str) -> lapin::Error {
+        lapin::Error::from(lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+            lapin::protocol::AMQPSoftError::PRECONDITIONFAILED.into(),
+            text.into(),
+        )))
+    }
+
+    #[test]
+    fn reads_both_forms_of_the_inequivalent_arg_refusal() {
+        let e = refusal(
+            "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in vhost '/': received '7' but current is '5'",
+        );
+        let Some(BrokerError::Inequivalent { argument, existing, wanted, .. }) = inequivalent("q", &e) else {
+            panic!("not read")
+        };
+        assert_eq!((argument.as_str(), existing.as_str(), wanted.as_str()), ("x-delivery-limit", "5", "7"));
+        let e = refusal(
+            "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in vhost '/': received the value '2147483647' of type 'signedint' but current is none",
+        );
+        let Some(BrokerError::Inequivalent { existing, wanted, .. }) = inequivalent("q", &e) else {
+            panic!("not read")
+        };
+        assert_eq!((existing.as_str(), wanted.as_str()), ("none", "2147483647"));
+        assert!(inequivalent("q", &refusal("NOT_FOUND - no queue 'q'")).is_none());
+    }
 }

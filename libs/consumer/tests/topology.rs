@@ -133,7 +133,13 @@ async fn a_changed_delivery_limit_fails_with_one_line_saying_how_to_migrate() {
     let line = err.to_string();
     let queue = broker.topology.queue("topo");
     assert!(!line.contains('\n'), "one line: {line}");
-    for part in [queue.as_str(), "x-delivery-limit", "CONSUMER_DELIVERY_LIMIT", "5", "7"] {
+    for part in [
+        queue.as_str(),
+        "x-delivery-limit = 5 ",
+        "declares 7 ",
+        "CONSUMER_DELIVERY_LIMIT=5",
+        "rabbitmqctl delete_queue",
+    ] {
         assert!(line.contains(part), "{part:?} missing from: {line}");
     }
 
@@ -141,4 +147,42 @@ async fn a_changed_delivery_limit_fails_with_one_line_saying_how_to_migrate() {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(cfg, db.pool.clone(), Scripted::default(), shutdown.clone()));
     tokio::time::timeout(DEADLINE, task).await.expect("the consumer stops on a configuration error").unwrap();
+}
+
+/// A dead-letter queue declared by an older version (a quorum queue without
+/// an explicit delivery limit) is kept and used: upgrading does not stop the
+/// consumer (it logs how to migrate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_queue_from_an_older_version_is_kept() {
+    use orderflow_broker::lapin::options::QueueDeclareOptions;
+    use orderflow_broker::lapin::types::{AMQPValue, FieldTable, LongString};
+
+    let db = TestDb::new(None).await;
+    let broker = TestBroker::new().await;
+    let spec = spec(&[100], 5);
+    broker.track(&spec);
+    let (_conn, channel) = broker.channel().await;
+    let dlq = broker.topology.dead_letter_queue(&spec.consumer);
+    let mut old_args = FieldTable::default();
+    old_args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    channel
+        .queue_declare(dlq.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, old_args)
+        .await
+        .unwrap();
+
+    let cfg = ConsumerConfig::new(broker.amqp_url.clone(), broker.topology.clone(), spec);
+    orderflow_consumer::prepare(&cfg).await.expect("an old dead-letter queue does not stop the consumer");
+    let handler = Scripted::default();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(cfg, db.pool.clone(), handler.clone(), shutdown.clone()));
+    let poisoned = declined("permanent");
+    broker.publish(&channel, &poisoned).await;
+    let parked = orderflow_testkit::eventually_some("the dead letter in the old DLQ", DEADLINE, || async {
+        let msg = channel.basic_get(dlq.as_str().into(), BasicGetOptions::default()).await.unwrap()?;
+        Some(msg.delivery.properties.message_id().as_ref().map(|m| m.to_string()))
+    })
+    .await;
+    assert_eq!(parked, Some(poisoned.message_id.to_string()));
+    shutdown.cancel();
+    task.await.unwrap();
 }
