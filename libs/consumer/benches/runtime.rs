@@ -73,7 +73,7 @@ async fn measure(messages: usize, concurrency: usize, batch_size: usize) -> f64 
     let connected = cfg.connected.clone();
     let started = Instant::now();
     let task = tokio::spawn(run(cfg, db.pool.clone(), RowAndOutbox, shutdown.clone()));
-    while !connected.load(Ordering::Relaxed) {
+    while !std::sync::atomic::AtomicBool::load(&connected, Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let target = messages as i64;
