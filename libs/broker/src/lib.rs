@@ -6,7 +6,7 @@ mod topology;
 
 pub use lapin;
 pub use properties::{header_i64, header_str, properties_for};
-pub use topology::{QueueSpec, Topology};
+pub use topology::{DEAD_LETTER_DELIVERY_LIMIT, QueueSpec, Topology};
 
 use lapin::{Connection, ConnectionProperties};
 
@@ -20,6 +20,24 @@ pub enum BrokerError {
         url: String,
         /// What the client said.
         reason: String,
+    },
+    /// A queue exists with other arguments than those declared; a queue's
+    /// arguments cannot change in place.
+    #[error(
+        "queue {queue} exists with {argument} = {existing}, but it was declared with {wanted}: a queue's arguments cannot change in place"
+    )]
+    Inequivalent {
+        /// The queue.
+        queue: String,
+        /// The argument that differs, e.g. `x-delivery-limit`.
+        argument: String,
+        /// Its value on the broker (`none` if unset).
+        existing: String,
+        /// The value declared now (`none` if unset).
+        wanted: String,
+        /// The broker's refusal.
+        #[source]
+        source: lapin::Error,
     },
     /// A broker operation failed.
     #[error("broker operation {op} failed: {source}")]

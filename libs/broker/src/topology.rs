@@ -8,14 +8,31 @@ use lapin::{Channel, ExchangeKind};
 
 use crate::BrokerError;
 
+/// Delivery limit of dead-letter queues: explicit, so the broker's default
+/// (20 on RabbitMQ 4.x) never applies, and practically unlimited. (-1 means
+/// unlimited on 4.x only; a large positive limit means the same everywhere.)
+pub const DEAD_LETTER_DELIVERY_LIMIT: i32 = i32::MAX;
+
 /// The names of every exchange and queue, under one prefix so that tests and
 /// tenants can share a broker.
 ///
 /// - `{prefix}.events`: durable topic exchange, routing key = event type;
 /// - `{prefix}.{consumer}`: the consumer's quorum queue;
-/// - `{prefix}.{consumer}.retry.{n}`: delay queue of retry tier `n` (its TTL
-///   dead-letters the message back to the consumer's queue);
-/// - `{prefix}.{consumer}.dlq`: the consumer's dead-letter queue.
+/// - `{prefix}.{consumer}.retry.{delay}` (e.g. `retry.5s`, `retry.1500ms`):
+///   the delay queue of a retry tier; its TTL dead-letters the message back
+///   to the consumer's queue. Named by its delay, because a queue's TTL
+///   cannot change in place: changed retry delays declare new delay queues,
+///   and the old ones drain themselves into the work queue (delete them
+///   once empty);
+/// - `{prefix}.{consumer}.dlq`: the consumer's dead-letter queue, a quorum
+///   queue with an explicit, practically unlimited delivery limit
+///   ([`DEAD_LETTER_DELIVERY_LIMIT`]), so that inspecting its messages (get
+///   and give back) never drops one, whatever the broker's default (RabbitMQ
+///   4.x gives quorum queues a default limit of 20).
+///
+/// The work queue's delivery limit is an argument of the queue and cannot
+/// change in place: declaring it with another limit fails with
+/// [`BrokerError::Inequivalent`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     prefix: String,
@@ -62,9 +79,11 @@ impl Topology {
         format!("{}.{consumer}.dlq", self.prefix)
     }
 
-    /// A consumer's delay queue for retry tier `tier` (0-based).
-    pub fn retry_queue(&self, consumer: &str, tier: usize) -> String {
-        format!("{}.{consumer}.retry.{tier}", self.prefix)
+    /// A consumer's delay queue for retries after `delay`.
+    pub fn retry_queue(&self, consumer: &str, delay: Duration) -> String {
+        let ms = delay.as_millis();
+        let label = if ms.is_multiple_of(1000) { format!("{}s", ms / 1000) } else { format!("{ms}ms") };
+        format!("{}.{consumer}.retry.{label}", self.prefix)
     }
 
     /// Declares the events exchange (idempotent).
@@ -81,18 +100,75 @@ impl Topology {
             .map_err(BrokerError::op(format!("declare exchange {name}")))
     }
 
-    /// Declares the exchange and everything `spec` needs (idempotent).
+    /// Declares the exchange and everything `spec` needs (idempotent). A
+    /// queue that exists with other arguments fails with
+    /// [`BrokerError::Inequivalent`] (and the broker closes `channel`).
     pub async fn declare_consumer(&self, channel: &Channel, spec: &QueueSpec) -> Result<(), BrokerError> {
         self.declare_exchange(channel).await?;
+        let dlq = self.dead_letter_queue(&spec.consumer);
+        Self::declare_dead_letter_queue(channel, &dlq).await?;
+        self.declare_work_and_retry_queues(channel, spec).await
+    }
+
+    /// Like [`Topology::declare_consumer`], on channels of its own, and
+    /// lenient about one thing: a dead-letter queue declared by an older
+    /// version (without the explicit delivery limit) is kept and used as it
+    /// is; the returned warning says how to migrate it. Anything else that
+    /// differs fails with [`BrokerError::Inequivalent`].
+    pub async fn ensure_consumer(
+        &self,
+        connection: &lapin::Connection,
+        spec: &QueueSpec,
+    ) -> Result<Option<String>, BrokerError> {
+        let channel = connection.create_channel().await.map_err(BrokerError::op("open a channel"))?;
+        self.declare_exchange(&channel).await?;
+        let dlq = self.dead_letter_queue(&spec.consumer);
+        let mut warning = None;
+        let channel = match Self::declare_dead_letter_queue(&channel, &dlq).await {
+            Ok(()) => channel,
+            Err(BrokerError::Inequivalent { argument, existing, .. }) => {
+                // The broker closed that channel; the queue exists, so a
+                // passive declaration on a new one succeeds.
+                let channel = connection.create_channel().await.map_err(BrokerError::op("open a channel"))?;
+                let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+                channel
+                    .queue_declare(dlq.as_str().into(), passive, FieldTable::default())
+                    .await
+                    .map_err(BrokerError::op(format!("declare queue {dlq}")))?;
+                warning = Some(format!(
+                    "dead-letter queue {dlq} was declared by an older version ({argument} {existing}, not \
+                     {DEAD_LETTER_DELIVERY_LIMIT}); it is used as it is, but on RabbitMQ 4.x inspecting it may drop \
+                     messages: move its messages elsewhere (e.g. a shovel), delete it, and restart to redeclare it"
+                ));
+                channel
+            }
+            Err(e) => return Err(e),
+        };
+        self.declare_work_and_retry_queues(&channel, spec).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(warning)
+    }
+
+    /// Declares a dead-letter queue: a durable quorum queue whose delivery
+    /// limit is [`DEAD_LETTER_DELIVERY_LIMIT`], so that taking and giving
+    /// back its messages (inspection) never drops them.
+    pub async fn declare_dead_letter_queue(channel: &Channel, name: &str) -> Result<(), BrokerError> {
+        let mut args = quorum();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DEAD_LETTER_DELIVERY_LIMIT));
+        declare_queue(channel, name, args).await
+    }
+
+    async fn declare_work_and_retry_queues(&self, channel: &Channel, spec: &QueueSpec) -> Result<(), BrokerError> {
         let queue = self.queue(&spec.consumer);
         let dlq = self.dead_letter_queue(&spec.consumer);
-        declare_queue(channel, &dlq, quorum()).await?;
-
         // Past the delivery limit the broker moves the message to the DLQ
         // itself, at least once (quorum queues' at-least-once dead-lettering
         // needs reject-publish overflow).
         let mut args = quorum();
-        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(spec.delivery_limit as i32));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(i32::try_from(spec.delivery_limit).unwrap_or(i32::MAX)),
+        );
         args.insert("x-dead-letter-exchange".into(), long(""));
         args.insert("x-dead-letter-routing-key".into(), long(&dlq));
         args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
@@ -113,15 +189,18 @@ impl Topology {
 
         // A delay queue has no consumer: its TTL expires each message back
         // into the work queue through the default exchange.
-        for (tier, delay) in spec.retry_delays.iter().enumerate() {
+        for delay in &spec.retry_delays {
             let mut args = FieldTable::default();
             args.insert("x-queue-type".into(), long("quorum"));
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            );
             args.insert("x-dead-letter-exchange".into(), long(""));
             args.insert("x-dead-letter-routing-key".into(), long(&queue));
             args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
             args.insert("x-overflow".into(), long("reject-publish"));
-            declare_queue(channel, &self.retry_queue(&spec.consumer, tier), args).await?;
+            declare_queue(channel, &self.retry_queue(&spec.consumer, *delay), args).await?;
         }
         Ok(())
     }
@@ -134,7 +213,9 @@ impl Topology {
         for spec in specs {
             names.push(self.queue(&spec.consumer));
             names.push(self.dead_letter_queue(&spec.consumer));
-            names.extend((0..spec.retry_delays.len()).map(|t| self.retry_queue(&spec.consumer, t)));
+            let mut delays = spec.retry_delays.clone();
+            delays.dedup();
+            names.extend(delays.iter().map(|d| self.retry_queue(&spec.consumer, *d)));
         }
         let mut first_error = None;
         for name in names {
@@ -174,5 +255,63 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Resul
         .queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
         .await
         .map(drop)
-        .map_err(BrokerError::op(format!("declare queue {name}")))
+        .map_err(|source| {
+            inequivalent(name, &source)
+                .unwrap_or(BrokerError::Operation { op: format!("declare queue {name}"), source })
+        })
+}
+
+/// Reads the broker's "inequivalent arg" refusal, e.g. `PRECONDITION_FAILED -
+/// inequivalent arg 'x-delivery-limit' for queue 'q' in vhost '/': received
+/// '7' but current is '5'` (other types read `received the value '7' of
+/// type 'longstr' but current is none`).
+fn inequivalent(queue: &str, error: &lapin::Error) -> Option<BrokerError> {
+    let text = error.to_string();
+    let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
+    let argument = rest[..rest.find('\'')?].to_owned();
+    // The value after `marker`: quoted (with or without "the value "), or a
+    // bare word such as `none`.
+    let value_after = |marker: &str| -> String {
+        let Some(at) = text.find(marker) else { return "none".into() };
+        let tail = text[at + marker.len()..].trim_start();
+        let tail = tail.strip_prefix("the value ").unwrap_or(tail);
+        match tail.strip_prefix('\'') {
+            Some(quoted) => quoted.split('\'').next().unwrap_or_default().to_owned(),
+            None => tail.split(|c: char| !c.is_alphanumeric()).next().unwrap_or_default().to_owned(),
+        }
+    };
+    let wanted = value_after("received ");
+    let existing = value_after("but current is ");
+    Some(BrokerError::Inequivalent { queue: queue.to_owned(), argument, existing, wanted, source: error.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(text: &str) -> lapin::Error {
+        lapin::Error::from(lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+            lapin::protocol::AMQPSoftError::PRECONDITIONFAILED.into(),
+            text.into(),
+        )))
+    }
+
+    #[test]
+    fn reads_both_forms_of_the_inequivalent_arg_refusal() {
+        let e = refusal(
+            "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in vhost '/': received '7' but current is '5'",
+        );
+        let Some(BrokerError::Inequivalent { argument, existing, wanted, .. }) = inequivalent("q", &e) else {
+            panic!("not read")
+        };
+        assert_eq!((argument.as_str(), existing.as_str(), wanted.as_str()), ("x-delivery-limit", "5", "7"));
+        let e = refusal(
+            "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in vhost '/': received the value '2147483647' of type 'signedint' but current is none",
+        );
+        let Some(BrokerError::Inequivalent { existing, wanted, .. }) = inequivalent("q", &e) else {
+            panic!("not read")
+        };
+        assert_eq!((existing.as_str(), wanted.as_str()), ("none", "2147483647"));
+        assert!(inequivalent("q", &refusal("NOT_FOUND - no queue 'q'")).is_none());
+    }
 }

@@ -13,9 +13,22 @@ pub struct ConsumerArgs {
     /// Prefix of every exchange and queue name (lets tenants or test runs share a broker).
     #[arg(long, env = "ORDERFLOW_PREFIX", default_value = "orderflow", value_parser = parse_prefix)]
     pub topology_prefix: String,
-    /// Messages each consumer handles at once.
+    /// Batches (transactions) each consumer runs at once.
     #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=512))]
     pub consumer_concurrency: u16,
+    /// Most messages a consumer handles in one transaction (one commit,
+    /// acks after it; each message in a savepoint of its own).
+    #[arg(long, env = "CONSUMER_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub consumer_batch_size: u16,
+    /// How long a batch waits for more messages after its first; 0 takes
+    /// only what has arrived, so a lone message is never delayed.
+    #[arg(long, env = "CONSUMER_BATCH_LINGER", default_value = "0ms", value_parser = orderflow_telemetry::args::duration)]
+    pub consumer_batch_linger: Duration,
+    /// Longest one message's handling may take; also the server-side
+    /// statement and lock timeout of handler transactions. Past it the
+    /// message goes through the retry tiers, then to the dead-letter queue.
+    #[arg(long, env = "CONSUMER_HANDLER_TIMEOUT", default_value = "30s", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub handler_timeout: Duration,
     /// Delays of the retry tiers after a transient failure, e.g. `1s,5s,30s`.
     #[arg(long, env = "CONSUMER_RETRY_DELAYS", default_value = "1s,5s,30s", value_delimiter = ',', value_parser = orderflow_telemetry::args::positive_duration)]
     pub retry_delays: Vec<Duration>,
@@ -41,6 +54,9 @@ impl ConsumerArgs {
         };
         let mut cfg = ConsumerConfig::new(self.amqp_url.clone(), self.topology(), spec);
         cfg.concurrency = usize::from(self.consumer_concurrency);
+        cfg.batch_size = usize::from(self.consumer_batch_size);
+        cfg.batch_linger = self.consumer_batch_linger;
+        cfg.handler_timeout = self.handler_timeout;
         cfg
     }
 }

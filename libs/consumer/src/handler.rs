@@ -62,7 +62,10 @@ impl From<serde_json::Error> for HandlerError {
 /// What the runtime does with a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Disposition {
+    /// The database connection is gone: the whole batch waits for it.
     WaitForDatabase,
+    /// Something this message needs is unavailable: it waits and goes again.
+    WaitForDependency,
     RetryNow,
     RetryLater,
     DeadLetter,
@@ -72,12 +75,15 @@ impl HandlerError {
     pub(crate) fn disposition(&self) -> Disposition {
         match self {
             Self::Transient(_) => Disposition::RetryLater,
-            Self::Unavailable(_) => Disposition::WaitForDatabase,
+            Self::Unavailable(_) => Disposition::WaitForDependency,
             Self::Conflict(_) => Disposition::RetryNow,
             Self::Permanent(_) => Disposition::DeadLetter,
             Self::Db(e) => match classify(e) {
                 ErrorClass::Connection => Disposition::WaitForDatabase,
                 ErrorClass::Conflict => Disposition::RetryNow,
+                // Bounded by the server (statement and lock timeouts): a
+                // transient failure that goes through the retry tiers.
+                ErrorClass::Timeout => Disposition::RetryLater,
                 ErrorClass::Permanent => Disposition::DeadLetter,
             },
         }
@@ -88,6 +94,13 @@ impl HandlerError {
 /// records the message in the inbox: every write it makes (domain rows,
 /// outbox rows) commits or rolls back with that record. It must be correct
 /// when messages arrive late or out of order; duplicates never reach it.
+///
+/// The runtime handles several messages in one transaction, each inside a
+/// savepoint of its own: `conn` is that savepoint. A failing message is
+/// rolled back to it alone, so a handler must not commit, roll back or
+/// change session settings itself; it may open nested transactions (more
+/// savepoints). Each statement runs under the server-side statement and
+/// lock timeouts derived from [`crate::ConsumerConfig::handler_timeout`].
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message inside the open transaction `conn`.
     fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> impl Future<Output = Result<(), HandlerError>> + Send;

@@ -1,32 +1,67 @@
 //! The consumer runtime that runs every orderflow consumer.
 //!
-//! Per delivery: decode the envelope and the typed event (undecodable,
-//! unknown type or unknown major version: dead-letter at once with the
-//! reason); begin a transaction; insert `(consumer, message_id)` into
-//! `inbox` — a conflict means a duplicate: commit, ack, skip; else run the
-//! handler, which changes domain rows and appends outbox rows in the same
-//! transaction; commit; then ack.
+//! Deliveries are handled in batches: a batch takes the deliveries that have
+//! arrived (up to [`ConsumerConfig::batch_size`], waiting at most
+//! [`ConsumerConfig::batch_linger`], zero by default, so a lone message is
+//! never delayed), and [`ConsumerConfig::concurrency`] batches run at once.
+//! Per batch: decode every envelope and typed event (undecodable, unknown
+//! type or unknown major version: dead-letter at once with the reason);
+//! begin ONE transaction, with server-side statement and lock timeouts;
+//! for each message, in delivery order, inside a savepoint of its own:
+//! insert `(consumer, message_id)` into `inbox` — a conflict means a
+//! duplicate (also a second copy in the same batch): skip; else run the
+//! handler, which changes domain rows and appends outbox rows. A message
+//! that fails is rolled back to its savepoint alone. Then ONE commit
+//! (`synchronous_commit` stays on), one relay wake-up, and only then the
+//! acks (one per delivery) and the failed messages' forwards.
 //!
 //! Failures:
-//! - database unreachable: the delivery is kept (unacked) and retried in
-//!   place with backoff until the database is back, without spending retry
-//!   tiers: an outage is nobody's message's fault;
-//! - conflict (serialization failure, deadlock, lost optimistic race):
-//!   retried at once a few times, then treated as transient;
+//! - database unreachable (or the commit's connection lost): the batch is
+//!   kept (unacked) and handled again with backoff until the database is
+//!   back, without spending retry tiers: an outage is nobody's message's
+//!   fault;
+//! - conflict (serialization failure, deadlock between concurrent batches,
+//!   lost optimistic race): the message goes again in a new transaction
+//!   after the batch commits (by then the batch it raced has usually
+//!   committed), a few times, then is treated as transient;
+//! - timeout: each statement and lock wait is bounded on the server by
+//!   [`ConsumerConfig::handler_timeout`] (`statement_timeout`,
+//!   `lock_timeout`; a session whose client went away or went quiet is
+//!   ended too), so a handler waiting on a row locked elsewhere never leaves
+//!   a session behind; the timed-out message is transient. A handler that
+//!   overruns on the client side as well gets its connection thrown away:
+//!   it is transient, the rest of its batch goes again without it;
 //! - transient: republished to the next retry tier's delay queue (TTL, then
 //!   back to the work queue); after the last tier, dead-lettered;
 //! - permanent: dead-lettered at once.
 //!
+//! Duplicates are caught by the inbox wherever they come from: the same
+//! message twice in a batch, in two batches, or redelivered after a broker
+//! connection died between a commit and its acks.
+//!
 //! Dead-lettered messages go to the queue's DLQ with headers saying why
-//! (`x-orderflow-error`, `-attempts`, `-consumer`, `-original-routing-key`,
+//! (`x-orderflow-error`, `-attempt`, `-consumer`, `-original-routing-key`,
 //! `-failed-at`). A retry or dead-letter publish is confirmed by the broker
-//! before the original is acked, so nothing is lost in between.
+//! before the original is acked, so nothing is lost in between; a copy the
+//! broker returns as unroutable is recognized by its own id (never by the
+//! client library's pairing of returns with confirms), and its original is
+//! requeued after a pause.
+//!
+//! The broker topology is declared at connect ([`prepare`] does it once at
+//! start): delay queues are named by their delay, so changed retry delays
+//! need no migration; a changed delivery limit cannot be applied to an
+//! existing queue, and the consumer stops with one line saying how to
+//! migrate ([`ConsumerError::ChangedQueue`]) instead of retrying forever.
+//! After a broker session that stayed healthy for
+//! [`ConsumerConfig::reconnect_reset_after`], the reconnect backoff starts
+//! short again.
 
 mod args;
+mod error;
 mod handler;
 mod runtime;
 
 pub use args::ConsumerArgs;
-
+pub use error::ConsumerError;
 pub use handler::{Handler, HandlerError, Incoming};
-pub use runtime::{ConsumerConfig, declare, headers, run};
+pub use runtime::{ConsumerConfig, declare, headers, prepare, run};

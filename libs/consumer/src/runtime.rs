@@ -1,33 +1,45 @@
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl};
-use futures::StreamExt;
+use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+use futures::{FutureExt, StreamExt};
 use orderflow_broker::lapin::message::Delivery;
 use orderflow_broker::lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
 use orderflow_broker::lapin::types::{AMQPValue, FieldTable, LongString};
-use orderflow_broker::lapin::{BasicProperties, Channel, Confirmation};
-use orderflow_broker::{QueueSpec, Topology, header_i64};
+use orderflow_broker::lapin::{BasicProperties, Channel, Connection};
+use orderflow_broker::{QueueSpec, Topology, header_i64, header_str};
 use orderflow_db::schema::inbox;
-use orderflow_db::{Conn, Pool};
+use orderflow_db::{Conn, ErrorClass, Pool, classify};
 use orderflow_envelope::Envelope;
 use orderflow_envelope::events::Event;
 use orderflow_outbox::backoff;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, Span, debug, error, info, info_span, warn};
+use uuid::Uuid;
 
+use crate::ConsumerError;
 use crate::handler::{Disposition, Handler, HandlerError, Incoming};
 
-/// Cap of the wait between attempts at a message while the database is down:
-/// short, because the message is held unacked and should go on soon after.
+/// Cap of the wait between attempts at a batch while the database is down:
+/// short, because the messages are held unacked and should go on soon after.
 const DB_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// Conflicts (deadlock, serialization failure, lost optimistic race) a
+/// message may meet in a row before it goes to a retry tier.
+const CONFLICT_RETRIES: u32 = 5;
+
+/// How long forwards the broker did not take (e.g. a deleted retry or
+/// dead-letter queue) are held before they are requeued, so that a missing
+/// queue does not turn into a hot redelivery loop.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Header names the runtime sets on retried and dead-lettered messages.
 pub mod headers {
@@ -41,6 +53,9 @@ pub mod headers {
     pub const ORIGINAL_ROUTING_KEY: &str = "x-orderflow-original-routing-key";
     /// When it was dead-lettered (RFC 3339).
     pub const FAILED_AT: &str = "x-orderflow-failed-at";
+    /// A fresh id per forward (retry or dead letter), by which a message the
+    /// broker returns as unroutable is matched to the forward it came from.
+    pub const FORWARD_ID: &str = "x-orderflow-forward-id";
 }
 
 /// One consumer's settings.
@@ -53,22 +68,37 @@ pub struct ConsumerConfig {
     /// The queue to consume, its bindings and retry tiers; `spec.consumer`
     /// is also the inbox key.
     pub spec: QueueSpec,
-    /// Messages in flight at once.
+    /// Batches (transactions) in flight at once.
     pub concurrency: usize,
+    /// Most deliveries handled in one transaction.
+    pub batch_size: usize,
+    /// How long a batch may wait for more deliveries after its first one.
+    /// Zero (the default) takes only what has already arrived, so a lone
+    /// message is never delayed; under load, deliveries queue up while the
+    /// batches in flight commit, and the next batch takes them together.
+    pub batch_linger: Duration,
     /// On shutdown, how long in-flight messages may take to finish before
     /// they are left to the broker to redeliver.
     pub drain_timeout: Duration,
     /// Cap of the reconnect backoff.
     pub reconnect_max: Duration,
+    /// A broker session that consumed at least this long was healthy: the
+    /// reconnect backoff starts short again after it ends.
+    pub reconnect_reset_after: Duration,
     /// True while the consumer is subscribed to its queue (for `/ready`).
     pub connected: Arc<AtomicBool>,
-    /// Longest a handler's transaction may take. Past it the connection is
-    /// thrown away (it may be stalled) and the message handled again.
+    /// Longest one message's handling may take. Each statement and each lock
+    /// wait of a handler's transaction is bounded by it on the server
+    /// (`statement_timeout`, `lock_timeout`); a message that meets it is
+    /// rolled back alone and goes through the retry tiers, then to the
+    /// dead-letter queue. If the client side waits even longer (a stalled
+    /// connection), the connection is thrown away and the batch goes again
+    /// without that message.
     pub handler_timeout: Duration,
     /// Larger messages are dead-lettered without being parsed.
     pub max_message_bytes: usize,
-    /// Woken after every commit that handled a message, so relays publish
-    /// what the handler appended (see [`orderflow_outbox::Waker`]).
+    /// Woken once after every commit that handled a message, so relays
+    /// publish what the handlers appended (see [`orderflow_outbox::Waker`]).
     pub waker: orderflow_outbox::Waker,
 }
 
@@ -80,13 +110,23 @@ impl ConsumerConfig {
             topology,
             spec,
             concurrency: 8,
+            batch_size: 32,
+            batch_linger: Duration::ZERO,
             drain_timeout: Duration::from_secs(10),
             reconnect_max: Duration::from_secs(30),
+            reconnect_reset_after: Duration::from_secs(30),
             connected: Arc::new(AtomicBool::new(false)),
             handler_timeout: Duration::from_secs(30),
             max_message_bytes: 1024 * 1024,
             waker: orderflow_outbox::Waker::none(),
         }
+    }
+
+    /// Client-side bound of one message's handling: a little past the
+    /// server's, so the server's timeouts (which leave the transaction
+    /// usable) normally fire first.
+    fn handler_guard(&self) -> Duration {
+        self.handler_timeout + (self.handler_timeout / 2).min(Duration::from_secs(5))
     }
 }
 
@@ -96,21 +136,48 @@ struct Ctx<H> {
     handler: H,
 }
 
+/// How a broker session ended.
+enum SessionEnd {
+    /// Shutdown asked for.
+    Stopped,
+    /// Lost (connection, channel, broker): reconnect.
+    Lost(String),
+    /// The broker's topology disagrees with the configuration: retrying
+    /// cannot help.
+    Misconfigured(Box<ConsumerError>),
+}
+
 /// Runs one consumer until `shutdown` is cancelled, reconnecting to the
-/// broker with backoff whenever the connection is lost. On shutdown it stops
-/// taking messages, lets in-flight ones finish (up to the drain timeout) and
+/// broker with backoff whenever the connection is lost (the backoff starts
+/// short again after a session that was healthy for
+/// [`ConsumerConfig::reconnect_reset_after`]). On shutdown it stops taking
+/// messages, lets in-flight batches finish (up to the drain timeout) and
 /// closes the channel, which returns anything unacked to the queue.
+///
+/// If the broker's queues were declared with other settings (see
+/// [`prepare`]), it logs one line saying how to migrate and returns.
 pub async fn run<H: Handler>(cfg: ConsumerConfig, pool: Pool, handler: H, shutdown: CancellationToken) {
     let ctx = Arc::new(Ctx { cfg, pool, handler });
+    let consumer = ctx.cfg.spec.consumer.clone();
     let mut waits = backoff::reconnect(ctx.cfg.reconnect_max);
     while !shutdown.is_cancelled() {
-        match session(&ctx, &shutdown).await {
-            Ok(()) => break,
-            Err(e) => {
-                metrics::counter!("consumer_reconnects_total", "consumer" => ctx.cfg.spec.consumer.clone())
-                    .increment(1);
+        let mut consuming_since = None;
+        match session(&ctx, &shutdown, &mut consuming_since).await {
+            SessionEnd::Stopped => break,
+            SessionEnd::Misconfigured(e) => {
+                metrics::counter!("consumer_misconfigured_total", "consumer" => consumer.clone()).increment(1);
+                error!(consumer, "consumer stopped: {e}");
+                return;
+            }
+            SessionEnd::Lost(e) => {
+                metrics::counter!("consumer_reconnects_total", "consumer" => consumer.clone()).increment(1);
+                // A long healthy session was not part of a flapping outage:
+                // the next outage begins with a short wait again.
+                if consuming_since.is_some_and(|t: Instant| t.elapsed() >= ctx.cfg.reconnect_reset_after) {
+                    waits = backoff::reconnect(ctx.cfg.reconnect_max);
+                }
                 let wait = waits.next_wait();
-                warn!(consumer = %ctx.cfg.spec.consumer, error = %e, retry_in = ?wait, "broker session ended");
+                warn!(consumer, error = %e, retry_in = ?wait, "broker session ended");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => {}
@@ -118,26 +185,38 @@ pub async fn run<H: Handler>(cfg: ConsumerConfig, pool: Pool, handler: H, shutdo
             }
         }
     }
-    info!(consumer = %ctx.cfg.spec.consumer, "consumer stopped");
+    info!(consumer, "consumer stopped");
+}
+
+/// Declares the consumer's queues (and the exchange) once and reports what
+/// stands in the way. A service calls it at start so that a configuration
+/// the broker refuses (e.g. a changed delivery limit,
+/// [`ConsumerError::ChangedQueue`]) stops it with one line saying how to
+/// fix it; an unreachable broker is [`ConsumerError::Broker`], which a
+/// service may ignore (the consumer connects when the broker is back).
+pub async fn prepare(cfg: &ConsumerConfig) -> Result<(), ConsumerError> {
+    let connection = orderflow_broker::connect(&cfg.amqp_url, &format!("declare:{}", cfg.spec.consumer)).await?;
+    let declared = cfg.topology.ensure_consumer(&connection, &cfg.spec).await;
+    let _ = connection.close(200, "declared".into()).await;
+    if let Some(warning) = declared? {
+        warn!(consumer = %cfg.spec.consumer, "{warning}");
+    }
+    Ok(())
 }
 
 /// Declares the consumer's queues (and the exchange) without consuming,
 /// retrying until the broker answers or `shutdown`. A stage that does not run
-/// in this process still gets its queue, so its messages wait for it.
+/// in this process still gets its queue, so its messages wait for it. A
+/// configuration the broker refuses is logged (one line) and not retried.
 pub async fn declare(cfg: &ConsumerConfig, shutdown: &CancellationToken) {
     let mut waits = backoff::reconnect(cfg.reconnect_max);
     while !shutdown.is_cancelled() {
-        let attempt = async {
-            let connection = orderflow_broker::connect(&cfg.amqp_url, &format!("declare:{}", cfg.spec.consumer))
-                .await
-                .map_err(|e| e.to_string())?;
-            let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
-            cfg.topology.declare_consumer(&channel, &cfg.spec).await.map_err(|e| e.to_string())?;
-            let _ = connection.close(200, "declared".into()).await;
-            Ok::<_, String>(())
-        };
-        match attempt.await {
+        match prepare(cfg).await {
             Ok(()) => return,
+            Err(e) if e.is_configuration() => {
+                error!(consumer = %cfg.spec.consumer, "cannot declare queues: {e}");
+                return;
+            }
             Err(e) => {
                 let wait = waits.next_wait();
                 warn!(consumer = %cfg.spec.consumer, error = %e, retry_in = ?wait, "cannot declare queues yet");
@@ -150,61 +229,112 @@ pub async fn declare(cfg: &ConsumerConfig, shutdown: &CancellationToken) {
     }
 }
 
-async fn session<H: Handler>(ctx: &Arc<Ctx<H>>, shutdown: &CancellationToken) -> Result<(), String> {
+async fn session<H: Handler>(
+    ctx: &Arc<Ctx<H>>,
+    shutdown: &CancellationToken,
+    consuming_since: &mut Option<Instant>,
+) -> SessionEnd {
+    let lost = |e: &dyn std::fmt::Display| SessionEnd::Lost(e.to_string());
     let spec = &ctx.cfg.spec;
     let name = format!("consumer:{}", spec.consumer);
-    let connection = orderflow_broker::connect(&ctx.cfg.amqp_url, &name).await.map_err(|e| e.to_string())?;
-    let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
-    ctx.cfg.topology.declare_consumer(&channel, spec).await.map_err(|e| e.to_string())?;
-    let prefetch = u16::try_from(ctx.cfg.concurrency.max(1) * 2).unwrap_or(u16::MAX);
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
-    // Retries and dead letters go out on their own confirm-mode channel.
-    let out = connection.create_channel().await.map_err(|e| e.to_string())?;
-    out.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
-    let out = Arc::new(out);
-    let queue = ctx.cfg.topology.queue(&spec.consumer);
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            name.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    info!(consumer = %spec.consumer, %queue, "consuming");
+    let connection = match orderflow_broker::connect(&ctx.cfg.amqp_url, &name).await {
+        Ok(c) => c,
+        Err(e) => return lost(&e),
+    };
+    match ctx.cfg.topology.ensure_consumer(&connection, spec).await.map_err(ConsumerError::from) {
+        Ok(None) => {}
+        Ok(Some(warning)) => warn!(consumer = %spec.consumer, "{warning}"),
+        Err(e) if e.is_configuration() => {
+            let _ = connection.close(200, "misconfigured".into()).await;
+            return SessionEnd::Misconfigured(Box::new(e));
+        }
+        Err(e) => return lost(&e),
+    }
+    let opened = async {
+        let channel = connection.create_channel().await?;
+        let batch = ctx.cfg.batch_size.max(1);
+        // Enough for every batch in flight and the next one to fill up.
+        let prefetch = u16::try_from((ctx.cfg.concurrency.max(1) + 1) * batch).unwrap_or(u16::MAX);
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let forwarder = Forwarder::open(&connection).await?;
+        let queue = ctx.cfg.topology.queue(&spec.consumer);
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                name.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, orderflow_broker::lapin::Error>((channel, Arc::new(forwarder), consumer))
+    };
+    let (channel, forwarder, mut consumer) = match opened.await {
+        Ok(x) => x,
+        Err(e) => return lost(&e),
+    };
+    info!(consumer = %spec.consumer, queue = %ctx.cfg.topology.queue(&spec.consumer), "consuming");
+    *consuming_since = Some(Instant::now());
     ctx.cfg.connected.store(true, Ordering::Relaxed);
 
     let permits = Arc::new(Semaphore::new(ctx.cfg.concurrency.max(1)));
     let mut tasks = JoinSet::new();
-    let result = loop {
+    let end = loop {
         while tasks.try_join_next().is_some() {}
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
-                Err(_) => break Ok(()),
+                Err(_) => break SessionEnd::Stopped,
             },
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = shutdown.cancelled() => break SessionEnd::Stopped,
         };
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             d = consumer.next() => d,
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = shutdown.cancelled() => break SessionEnd::Stopped,
         };
-        match delivery {
-            Some(Ok(delivery)) => {
-                let (ctx, out, shutdown) = (ctx.clone(), out.clone(), shutdown.clone());
-                tasks.spawn(async move {
-                    process(&ctx, &out, delivery, &shutdown).await;
-                    drop(permit);
-                });
+        let mut batch = match first {
+            Some(Ok(delivery)) => vec![delivery],
+            Some(Err(e)) => break SessionEnd::Lost(format!("consumer stream: {e}")),
+            None => break SessionEnd::Lost("consumer cancelled".into()),
+        };
+        // Take what has arrived meanwhile (and, with a linger, what arrives
+        // shortly), up to the batch size.
+        let linger_until = tokio::time::Instant::now() + ctx.cfg.batch_linger;
+        let mut ended = None;
+        while batch.len() < ctx.cfg.batch_size.max(1) {
+            let next = match consumer.next().now_or_never() {
+                Some(next) => next,
+                None if !ctx.cfg.batch_linger.is_zero() => {
+                    match tokio::time::timeout_at(linger_until, consumer.next()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    }
+                }
+                None => break,
+            };
+            match next {
+                Some(Ok(delivery)) => batch.push(delivery),
+                Some(Err(e)) => {
+                    ended = Some(SessionEnd::Lost(format!("consumer stream: {e}")));
+                    break;
+                }
+                None => {
+                    ended = Some(SessionEnd::Lost("consumer cancelled".into()));
+                    break;
+                }
             }
-            Some(Err(e)) => break Err(format!("consumer stream: {e}")),
-            None => break Err("consumer cancelled".into()),
+        }
+        let (ctx, forwarder, shutdown) = (ctx.clone(), forwarder.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            process_batch(&ctx, &forwarder, batch, &shutdown).await;
+            drop(permit);
+        });
+        if let Some(end) = ended {
+            break end;
         }
     };
 
     ctx.cfg.connected.store(false, Ordering::Relaxed);
-    // Stop taking work, give in-flight messages time to finish, then close:
+    // Stop taking work, give in-flight batches time to finish, then close:
     // the broker requeues whatever is still unacked.
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
     let drained =
@@ -215,7 +345,30 @@ async fn session<H: Handler>(ctx: &Arc<Ctx<H>>, shutdown: &CancellationToken) ->
     }
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = connection.close(200, "shutdown".into()).await;
-    result
+    end
+}
+
+/// One delivery of a batch.
+struct Item {
+    delivery: Delivery,
+    /// Transient failures so far (from the retry header).
+    attempt: i64,
+    /// The decoded message; None if it was refused before handling.
+    message: Option<(Envelope, Event)>,
+    /// The message's own span (continuing its writer's trace).
+    span: Span,
+    /// Conflicts met in this batch.
+    conflicts: u32,
+}
+
+/// What becomes of a delivery once its batch has committed.
+enum Verdict {
+    /// Handled or a duplicate: ack it.
+    Done(&'static str),
+    /// Failed transiently: next retry tier (or the DLQ after the last).
+    Retry(String),
+    /// Failed for good: the DLQ.
+    Dead(String),
 }
 
 enum Applied {
@@ -223,66 +376,162 @@ enum Applied {
     Duplicate,
 }
 
-/// Records the message in the inbox and runs the handler, in one
-/// transaction, within the handler timeout.
-async fn handle_once<H: Handler>(ctx: &Ctx<H>, env: &Envelope, event: &Event) -> Result<Applied, HandlerError> {
-    let mut pooled = ctx.pool.get().await.map_err(|e| HandlerError::Unavailable(e.to_string()))?;
-    let timeout = ctx.cfg.handler_timeout;
-    match tokio::time::timeout(timeout, transact(ctx, &mut pooled, env, event)).await {
-        Ok(result) => result,
-        Err(_) => {
-            // The transaction was abandoned mid-way on a connection that may
-            // be stalled: never hand it to anyone else.
-            drop(orderflow_db::PooledConn::take(pooled));
-            Err(HandlerError::Unavailable(format!("the handler's transaction took more than {timeout:?}")))
+/// Why a batch's transaction did not commit.
+enum Failure {
+    /// The database (pool, connection) is unavailable: try the batch again
+    /// once it is back.
+    Database(String),
+    /// Message `index` overran the handler guard on the client side; its
+    /// connection was thrown away with the transaction.
+    Stuck { index: usize, after: Duration },
+    /// The commit itself failed (no single message to blame).
+    Commit(diesel::result::Error),
+}
+
+/// Handles a batch of deliveries: one transaction, one savepoint per
+/// message, one commit; then acks, retries and dead letters. Messages that
+/// must go again (conflicts, an unavailable dependency, a batch that did
+/// not commit) go again in a new transaction, without the ones already
+/// settled.
+async fn process_batch<H: Handler>(
+    ctx: &Ctx<H>,
+    out: &Forwarder,
+    deliveries: Vec<Delivery>,
+    shutdown: &CancellationToken,
+) {
+    let consumer = ctx.cfg.spec.consumer.as_str();
+    let started = Instant::now();
+    metrics::histogram!("consumer_batch_size", "consumer" => consumer.to_owned()).record(deliveries.len() as f64);
+    let mut refused = Vec::new();
+    let mut items = Vec::with_capacity(deliveries.len());
+    for (i, delivery) in deliveries.into_iter().enumerate() {
+        let (item, verdict) = admit(ctx, delivery);
+        items.push(item);
+        if let Some(v) = verdict {
+            refused.push((i, v));
+        }
+    }
+    settle(ctx, out, &items, refused, started).await;
+    let mut pending: Vec<usize> = (0..items.len()).filter(|&i| items[i].message.is_some()).collect();
+    let mut db_waits = backoff::reconnect(DB_WAIT_MAX);
+    let mut commit_conflicts = 0;
+    let mut one_at_a_time = false;
+    while !pending.is_empty() {
+        let chunk: Vec<usize> = if one_at_a_time { vec![pending[0]] } else { pending.clone() };
+        let pause = match transact(ctx, &items, &chunk).await {
+            Ok(results) => {
+                if results.iter().any(|(_, r)| matches!(r, Ok(Applied::New))) {
+                    // One wake-up per committed batch.
+                    ctx.cfg.waker.wake();
+                }
+                let mut verdicts = Vec::new();
+                let mut again = Vec::new();
+                let mut pause = None;
+                for (i, result) in results {
+                    let item = &mut items[i];
+                    let _in_span = item.span.enter();
+                    let failure = match result {
+                        Ok(Applied::New) => {
+                            verdicts.push((i, Verdict::Done("handled")));
+                            continue;
+                        }
+                        Ok(Applied::Duplicate) => {
+                            verdicts.push((i, Verdict::Done("duplicate")));
+                            continue;
+                        }
+                        Err(e) => e,
+                    };
+                    match failure.disposition() {
+                        Disposition::RetryNow if item.conflicts < CONFLICT_RETRIES => {
+                            item.conflicts += 1;
+                            debug!(error = %failure, conflicts = item.conflicts, "conflict, going again");
+                            again.push(i);
+                            pause = pause.or(Some(Duration::from_millis(rand::random_range(1..20))));
+                        }
+                        Disposition::RetryNow | Disposition::RetryLater => {
+                            verdicts.push((i, Verdict::Retry(failure.to_string())));
+                        }
+                        Disposition::DeadLetter => verdicts.push((i, Verdict::Dead(failure.to_string()))),
+                        Disposition::WaitForDependency | Disposition::WaitForDatabase => {
+                            let wait = db_waits.next_wait();
+                            warn!(error = %failure, retry_in = ?wait, "unavailable, holding message");
+                            again.push(i);
+                            pause = Some(wait);
+                        }
+                    }
+                }
+                settle(ctx, out, &items, verdicts, started).await;
+                pending.retain(|i| !chunk.contains(i) || again.contains(i));
+                pause
+            }
+            Err(Failure::Database(e)) => {
+                let wait = db_waits.next_wait();
+                warn!(consumer, error = %e, retry_in = ?wait, held = pending.len(), "database unavailable, holding messages");
+                Some(wait)
+            }
+            Err(Failure::Stuck { index, after }) => {
+                let reason = format!("the handler took more than {after:?}; its connection was discarded");
+                items[index].span.in_scope(|| warn!(%reason, "handler stuck"));
+                settle(ctx, out, &items, vec![(index, Verdict::Retry(reason))], started).await;
+                pending.retain(|&i| i != index);
+                None
+            }
+            Err(Failure::Commit(e)) => match classify(&e) {
+                ErrorClass::Connection => {
+                    let wait = db_waits.next_wait();
+                    warn!(consumer, error = %e, retry_in = ?wait, "commit failed, holding messages");
+                    Some(wait)
+                }
+                ErrorClass::Conflict if commit_conflicts < CONFLICT_RETRIES => {
+                    commit_conflicts += 1;
+                    debug!(consumer, error = %e, "commit conflict, going again");
+                    Some(Duration::from_millis(rand::random_range(1..20)))
+                }
+                _ if chunk.len() == 1 => {
+                    let verdict = match classify(&e) {
+                        ErrorClass::Permanent => Verdict::Dead(format!("commit failed: {e}")),
+                        _ => Verdict::Retry(format!("commit failed: {e}")),
+                    };
+                    settle(ctx, out, &items, vec![(chunk[0], verdict)], started).await;
+                    pending.retain(|&i| i != chunk[0]);
+                    None
+                }
+                _ => {
+                    // No message to blame: find it by going one at a time.
+                    warn!(consumer, error = %e, "batch commit failed; handling its messages one at a time");
+                    one_at_a_time = true;
+                    None
+                }
+            },
+        };
+        if let Some(wait) = pause {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                // Unacked: the broker redelivers them after we close.
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
 }
 
-async fn transact<H: Handler>(
-    ctx: &Ctx<H>,
-    conn: &mut Conn,
-    env: &Envelope,
-    event: &Event,
-) -> Result<Applied, HandlerError> {
-    let consumer = ctx.cfg.spec.consumer.as_str();
-    conn.transaction::<_, HandlerError, _>(async |tx| {
-        let inserted = diesel::insert_into(inbox::table)
-            .values((
-                inbox::consumer.eq(consumer),
-                inbox::message_id.eq(env.message_id),
-                inbox::event_type.eq(&env.event_type),
-            ))
-            .on_conflict_do_nothing()
-            .execute(tx)
-            .await?;
-        if inserted == 0 {
-            return Ok(Applied::Duplicate);
-        }
-        ctx.handler.handle(tx, Incoming { envelope: env, event }).await?;
-        Ok(Applied::New)
-    })
-    .await
-}
-
-async fn process<H: Handler>(ctx: &Ctx<H>, out: &Channel, delivery: Delivery, shutdown: &CancellationToken) {
+/// Reads a delivery; refuses (dead-letters) what cannot be handled.
+fn admit<H>(ctx: &Ctx<H>, delivery: Delivery) -> (Item, Option<Verdict>) {
     let consumer = ctx.cfg.spec.consumer.as_str();
     let attempt = header_i64(&delivery.properties, headers::ATTEMPT).unwrap_or(0).max(0);
+    let refuse = |delivery: Delivery, reason: String| {
+        let span = info_span!("consume", consumer, routing_key = %delivery.routing_key);
+        span.in_scope(|| warn!(%reason, "refusing message"));
+        (Item { delivery, attempt, message: None, span, conflicts: 0 }, Some(Verdict::Dead(reason)))
+    };
     if delivery.data.len() > ctx.cfg.max_message_bytes {
         let reason = format!("message too large: {} bytes (limit {})", delivery.data.len(), ctx.cfg.max_message_bytes);
-        warn!(consumer, %reason, "rejecting message");
-        dead_letter(ctx, out, &delivery, &reason, attempt).await;
-        return;
+        return refuse(delivery, reason);
     }
-    let decoded = Envelope::from_slice(&delivery.data).and_then(|env| Event::decode(&env).map(|ev| (env, ev)));
-    let (env, event) = match decoded {
-        Ok(x) => x,
-        Err(e) => {
-            warn!(consumer, error = %e, routing_key = %delivery.routing_key, "undecodable message");
-            dead_letter(ctx, out, &delivery, &e.to_string(), attempt).await;
-            return;
-        }
-    };
+    let (env, event) =
+        match Envelope::from_slice(&delivery.data).and_then(|env| Event::decode(&env).map(|ev| (env, ev))) {
+            Ok(x) => x,
+            Err(e) => return refuse(delivery, e.to_string()),
+        };
     if env.payload.get("__abort").is_some() && orderflow_outbox::failpoint("consumer-abort-on-marked-message") {
         // Fault tests: a consumer that crashes on this message every time,
         // to show the queue's delivery limit parking it.
@@ -292,57 +541,147 @@ async fn process<H: Handler>(ctx: &Ctx<H>, out: &Channel, delivery: Delivery, sh
         order_id = %env.aggregate_id, correlation_id = %env.correlation_id);
     // The span continues the trace of whoever wrote the message.
     orderflow_telemetry::continue_trace(&span, env.traceparent.as_deref());
-    async {
-        let started = Instant::now();
-        let mut conflicts = 0;
-        let mut db_waits = backoff::reconnect(DB_WAIT_MAX);
+    (Item { delivery, attempt, message: Some((env, event)), span, conflicts: 0 }, None)
+}
+
+/// Which message is being handled, and until when it may take.
+#[derive(Default)]
+struct Watch(Mutex<Option<(usize, tokio::time::Instant)>>);
+
+impl Watch {
+    fn start(&self, index: usize, guard: Duration) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((index, tokio::time::Instant::now() + guard));
+    }
+
+    fn stop(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Resolves with the index of a message that overran its guard.
+    async fn overrun(&self, idle: Duration) -> usize {
         loop {
-            let failure = match handle_once(ctx, &env, &event).await {
-                Ok(applied) => {
-                    let outcome = match applied {
-                        Applied::New => {
-                            ctx.cfg.waker.wake();
-                            "handled"
-                        }
-                        Applied::Duplicate => "duplicate",
-                    };
-                    debug!(outcome, "message done");
-                    ack(&delivery).await;
-                    count(consumer, outcome);
-                    metrics::histogram!("consumer_handle_seconds", "consumer" => consumer.to_owned())
-                        .record(started.elapsed().as_secs_f64());
-                    return;
-                }
-                Err(e) => e,
-            };
-            match failure.disposition() {
-                Disposition::WaitForDatabase => {
-                    let wait = db_waits.next_wait();
-                    warn!(error = %failure, retry_in = ?wait, "database unavailable, holding message");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        // Unacked: the broker redelivers it after we close.
-                        _ = shutdown.cancelled() => return,
+            let current = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+            match current {
+                Some((index, deadline)) => {
+                    tokio::time::sleep_until(deadline).await;
+                    if *self.0.lock().unwrap_or_else(|e| e.into_inner()) == Some((index, deadline)) {
+                        return index;
                     }
                 }
-                Disposition::RetryNow if conflicts < 5 => {
-                    conflicts += 1;
-                    debug!(error = %failure, conflicts, "conflict, retrying");
-                    tokio::time::sleep(Duration::from_millis(rand::random_range(1..20))).await;
-                }
-                Disposition::RetryNow | Disposition::RetryLater => {
-                    retry_later(ctx, out, &delivery, &failure.to_string(), attempt).await;
-                    return;
-                }
-                Disposition::DeadLetter => {
-                    dead_letter(ctx, out, &delivery, &failure.to_string(), attempt).await;
-                    return;
-                }
+                None => tokio::time::sleep(idle).await,
             }
         }
     }
-    .instrument(span)
-    .await
+}
+
+/// Runs `chunk` of the batch in one transaction and commits it.
+async fn transact<H: Handler>(
+    ctx: &Ctx<H>,
+    items: &[Item],
+    chunk: &[usize],
+) -> Result<Vec<(usize, Result<Applied, HandlerError>)>, Failure> {
+    let mut pooled = ctx.pool.get().await.map_err(|e| Failure::Database(e.to_string()))?;
+    let guard = ctx.cfg.handler_guard();
+    let watch = Watch::default();
+    let outcome = {
+        let work = run_chunk(ctx, &mut pooled, items, chunk, &watch, guard);
+        tokio::select! {
+            outcome = work => outcome,
+            index = watch.overrun(Duration::from_millis(100)) => Err(Failure::Stuck { index, after: guard }),
+        }
+    };
+    if matches!(outcome, Err(Failure::Stuck { .. } | Failure::Database(_))) {
+        // Abandoned mid-way, or broken: the connection's state is unknown,
+        // so it is closed rather than handed to anyone else. The server ends
+        // the session (and its locks) when it notices the client is gone.
+        drop(orderflow_db::PooledConn::take(pooled));
+    }
+    outcome
+}
+
+/// The transaction's error: the database failed beneath the batch.
+struct Abort(diesel::result::Error);
+
+impl From<diesel::result::Error> for Abort {
+    fn from(e: diesel::result::Error) -> Self {
+        Self(e)
+    }
+}
+
+async fn run_chunk<H: Handler>(
+    ctx: &Ctx<H>,
+    conn: &mut Conn,
+    items: &[Item],
+    chunk: &[usize],
+    watch: &Watch,
+    guard: Duration,
+) -> Result<Vec<(usize, Result<Applied, HandlerError>)>, Failure> {
+    let limit = ctx.cfg.handler_timeout.as_millis().max(1);
+    // Bounds the work on the server, so that a session never outlives its
+    // handler: each statement and lock wait (the handler's timeout), a
+    // client that went quiet mid-transaction, and a client that went away
+    // while a statement runs (checked every second).
+    let settings = format!(
+        "SET LOCAL statement_timeout = {limit}; SET LOCAL lock_timeout = {limit}; \
+         SET LOCAL idle_in_transaction_session_timeout = {idle}; \
+         SET LOCAL client_connection_check_interval = 1000",
+        idle = guard.as_millis().max(1) * 2,
+    );
+    let finished = AtomicBool::new(false);
+    let consumer = ctx.cfg.spec.consumer.as_str();
+    let committed = conn
+        .transaction::<_, Abort, _>(async |tx| {
+            tx.batch_execute(&settings).await?;
+            let mut results = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                let item = &items[i];
+                let Some((env, event)) = &item.message else { continue };
+                watch.start(i, guard);
+                let result = tx
+                    .transaction::<Applied, HandlerError, _>(async |sp| apply(ctx, consumer, sp, env, event).await)
+                    .instrument(item.span.clone())
+                    .await;
+                watch.stop();
+                match result {
+                    // The connection is gone: the whole batch waits for it.
+                    Err(HandlerError::Db(e)) if classify(&e) == ErrorClass::Connection => return Err(Abort(e)),
+                    other => results.push((i, other)),
+                }
+            }
+            finished.store(true, Ordering::Relaxed);
+            Ok(results)
+        })
+        .await;
+    match committed {
+        Ok(results) => Ok(results),
+        Err(Abort(e)) if AtomicBool::load(&finished, Ordering::Relaxed) => Err(Failure::Commit(e)),
+        Err(Abort(e)) => Err(Failure::Database(e.to_string())),
+    }
+}
+
+/// Records the message in the inbox and runs the handler, inside the
+/// message's savepoint.
+async fn apply<H: Handler>(
+    ctx: &Ctx<H>,
+    consumer: &str,
+    sp: &mut Conn,
+    env: &Envelope,
+    event: &Event,
+) -> Result<Applied, HandlerError> {
+    let inserted = diesel::insert_into(inbox::table)
+        .values((
+            inbox::consumer.eq(consumer),
+            inbox::message_id.eq(env.message_id),
+            inbox::event_type.eq(&env.event_type),
+        ))
+        .on_conflict_do_nothing()
+        .execute(sp)
+        .await?;
+    if inserted == 0 {
+        return Ok(Applied::Duplicate);
+    }
+    ctx.handler.handle(sp, Incoming { envelope: env, event }).await?;
+    Ok(Applied::New)
 }
 
 fn count(consumer: &str, outcome: &'static str) {
@@ -357,28 +696,79 @@ async fn ack(delivery: &Delivery) {
     }
 }
 
-async fn retry_later<H: Handler>(ctx: &Ctx<H>, out: &Channel, delivery: &Delivery, error: &str, attempt: i64) {
+/// Carries out verdicts reached after a commit (or before any handling):
+/// acks, and forwards to retry tiers and the DLQ (each original acked only
+/// once its copy is confirmed, never lost in between).
+async fn settle<H>(ctx: &Ctx<H>, out: &Forwarder, items: &[Item], verdicts: Vec<(usize, Verdict)>, started: Instant) {
     let spec = &ctx.cfg.spec;
-    let tier = attempt as usize;
-    if tier >= spec.retry_delays.len() {
-        let reason = format!("gave up after {} attempts: {error}", attempt + 1);
-        dead_letter(ctx, out, delivery, &reason, attempt).await;
+    let consumer = spec.consumer.as_str();
+    let mut forwards = Vec::new();
+    let mut done = Vec::new();
+    for (i, verdict) in verdicts {
+        let item = &items[i];
+        let _in_span = item.span.enter();
+        match verdict {
+            Verdict::Done(outcome) => {
+                debug!(outcome, "message done");
+                done.push((i, outcome));
+            }
+            Verdict::Retry(error) => match spec.retry_delays.get(item.attempt as usize) {
+                Some(delay) => {
+                    warn!(error, attempt = item.attempt + 1, ?delay, "transient failure, retrying later");
+                    let target = ctx.cfg.topology.retry_queue(consumer, *delay);
+                    forwards.push((i, target, annotate(&item.delivery, consumer, &error, item.attempt + 1), "retried"));
+                }
+                None => {
+                    let reason = format!("gave up after {} attempts: {error}", item.attempt + 1);
+                    error!(consumer, error = reason, "dead-lettering message");
+                    let target = ctx.cfg.topology.dead_letter_queue(consumer);
+                    forwards.push((
+                        i,
+                        target,
+                        annotate(&item.delivery, consumer, &reason, item.attempt),
+                        "dead_lettered",
+                    ));
+                }
+            },
+            Verdict::Dead(error) => {
+                error!(consumer, error, "dead-lettering message");
+                let target = ctx.cfg.topology.dead_letter_queue(consumer);
+                forwards.push((i, target, annotate(&item.delivery, consumer, &error, item.attempt), "dead_lettered"));
+            }
+        }
+    }
+    for (i, outcome) in done {
+        ack(&items[i].delivery).await;
+        count(consumer, outcome);
+        metrics::histogram!("consumer_handle_seconds", "consumer" => consumer.to_owned())
+            .record(started.elapsed().as_secs_f64());
+    }
+    if forwards.is_empty() {
         return;
     }
-    let target = ctx.cfg.topology.retry_queue(&spec.consumer, tier);
-    warn!(error, attempt = attempt + 1, delay = ?spec.retry_delays[tier], "transient failure, retrying later");
-    let props = annotate(delivery, &spec.consumer, error, attempt + 1);
-    forward(out, delivery, &target, props).await;
-    count(&spec.consumer, "retried");
-}
-
-async fn dead_letter<H: Handler>(ctx: &Ctx<H>, out: &Channel, delivery: &Delivery, error: &str, attempt: i64) {
-    let spec = &ctx.cfg.spec;
-    let target = ctx.cfg.topology.dead_letter_queue(&spec.consumer);
-    error!(consumer = %spec.consumer, error, dlq = %target, "dead-lettering message");
-    let props = annotate(delivery, &spec.consumer, error, attempt);
-    forward(out, delivery, &target, props).await;
-    count(&spec.consumer, "dead_lettered");
+    let sends: Vec<_> = forwards
+        .iter()
+        .map(|(i, target, props, _)| (items[*i].delivery.data.as_slice(), target.as_str(), props.clone()))
+        .collect();
+    let taken = out.publish_all(sends).await;
+    let mut refused = Vec::new();
+    for ((i, target, _, outcome), ok) in forwards.iter().zip(taken) {
+        if ok {
+            ack(&items[*i].delivery).await;
+            count(consumer, outcome);
+        } else {
+            refused.push((*i, target));
+        }
+    }
+    if refused.is_empty() {
+        return;
+    }
+    warn!(consumer, count = refused.len(), queues = ?refused.iter().map(|(_, t)| t.as_str()).collect::<HashSet<_>>(),
+        "the broker did not take forwarded messages (unroutable or unconfirmed); requeueing them");
+    tokio::time::sleep(backoff::jitter(REQUEUE_PAUSE)).await;
+    for (i, _) in refused {
+        let _ = items[i].delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+    }
 }
 
 /// The delivery's properties plus the runtime's failure headers.
@@ -387,7 +777,7 @@ fn annotate(delivery: &Delivery, consumer: &str, error: &str, attempt: i64) -> B
     let text = |s: &str| AMQPValue::LongString(LongString::from(s));
     // Keep the first routing key across retry hops (later hops arrive with
     // the delay queue's routing key).
-    let original = orderflow_broker::header_str(&delivery.properties, headers::ORIGINAL_ROUTING_KEY)
+    let original = header_str(&delivery.properties, headers::ORIGINAL_ROUTING_KEY)
         .unwrap_or_else(|| delivery.routing_key.to_string());
     table.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(attempt));
     table.insert(headers::ERROR.into(), text(&truncate(error, 4000)));
@@ -408,29 +798,77 @@ fn truncate(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-/// Publishes a copy of the delivery to `queue` and, once the broker has
-/// confirmed it, acks the original. If the copy is not confirmed the
-/// original is requeued instead: the message is never lost in between.
-async fn forward(out: &Channel, delivery: &Delivery, queue: &str, props: BasicProperties) {
-    let confirmed = async {
-        let confirm = out
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
-                &delivery.data,
-                props,
-            )
-            .await?
-            .await?;
-        Ok::<_, orderflow_broker::lapin::Error>(matches!(confirm, Confirmation::Ack(None)))
+/// The confirm-mode channel on which retries and dead letters go out.
+///
+/// The client library pairs a `basic.return` with whichever confirm it
+/// completes next, and the broker merges confirms (`multiple`), so with
+/// several publishes in flight a return can be credited to the wrong one.
+/// The forwarder therefore publishes one group at a time, tags each copy
+/// with a fresh id ([`headers::FORWARD_ID`]), waits for every confirm of the
+/// group, and judges each copy by the returned messages' own ids: a copy is
+/// taken only if it was acked and no returned message carries its id. (The
+/// broker sends a return before the ack of the same message, so by the last
+/// confirm of the group every return of the group has been handed out.)
+struct Forwarder {
+    channel: Channel,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Forwarder {
+    async fn open(connection: &Connection) -> Result<Self, orderflow_broker::lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Self { channel, turn: tokio::sync::Mutex::new(()) })
     }
-    .await;
-    match confirmed {
-        Ok(true) => ack(delivery).await,
-        other => {
-            warn!(?other, %queue, "could not forward message, requeueing it");
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+
+    /// Publishes each `(body, queue, properties)` through the default
+    /// exchange (mandatory); true for each copy the broker took.
+    async fn publish_all(&self, sends: Vec<(&[u8], &str, BasicProperties)>) -> Vec<bool> {
+        let _turn = self.turn.lock().await;
+        let mut ids = Vec::with_capacity(sends.len());
+        let mut confirms = Vec::with_capacity(sends.len());
+        for (body, queue, props) in sends {
+            let id = Uuid::new_v4().to_string();
+            let mut table = props.headers().clone().unwrap_or_default();
+            table.insert(headers::FORWARD_ID.into(), AMQPValue::LongString(LongString::from(id.as_str())));
+            let published = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    body,
+                    props.with_headers(table),
+                )
+                .await;
+            ids.push(id);
+            confirms.push(published);
         }
+        let mut acked = vec![false; ids.len()];
+        let mut returned = HashSet::new();
+        let mut unknown_return = false;
+        for (k, published) in confirms.into_iter().enumerate() {
+            let confirmation = match published {
+                Ok(confirm) => confirm.await,
+                Err(e) => Err(e),
+            };
+            match confirmation {
+                Ok(confirmation) => {
+                    acked[k] = confirmation.is_ack();
+                    if let Some(message) = confirmation.take_message() {
+                        match header_str(&message.delivery.properties, headers::FORWARD_ID) {
+                            Some(id) => {
+                                returned.insert(id);
+                            }
+                            None => unknown_return = true,
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "forward not confirmed"),
+            }
+        }
+        // A return we cannot place could be anyone's: none counts as taken
+        // (a redelivery is a duplicate the inbox catches; a loss is not).
+        ids.iter().zip(acked).map(|(id, acked)| acked && !unknown_return && !returned.contains(id)).collect()
     }
 }

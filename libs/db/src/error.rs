@@ -37,6 +37,10 @@ pub enum ErrorClass {
     /// A conflict with a concurrent transaction (serialization failure,
     /// deadlock): retry the transaction.
     Conflict,
+    /// The server cancelled a statement at its `statement_timeout` or
+    /// `lock_timeout`: the work took too long or waited too long for a lock
+    /// held by someone else. Worth retrying later, a bounded number of times.
+    Timeout,
     /// Anything else: retrying the same work gives the same result.
     Permanent,
 }
@@ -52,10 +56,14 @@ pub fn classify(err: &DieselError) -> ErrorClass {
                 // diesel maps only some SQLSTATEs to kinds; deadlocks and
                 // admin shutdowns come through as unknown with their text.
                 m if m.contains("deadlock detected") => ErrorClass::Conflict,
+                m if m.contains("canceling statement due to statement timeout")
+                    || m.contains("canceling statement due to lock timeout") =>
+                {
+                    ErrorClass::Timeout
+                }
                 m if m.contains("terminating connection")
                     || m.contains("connection closed")
-                    || m.contains("the database system is")
-                    || m.contains("canceling statement due to statement timeout") =>
+                    || m.contains("the database system is") =>
                 {
                     ErrorClass::Connection
                 }

@@ -1,0 +1,305 @@
+//! Batches: several deliveries in one transaction, one savepoint each, one
+//! commit, acks after it (issue 10).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{DEADLINE, declined, drain, exec};
+use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use orderflow_broker::QueueSpec;
+use orderflow_broker::header_str;
+use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use orderflow_broker::lapin::types::FieldTable;
+use orderflow_consumer::{ConsumerConfig, Handler, HandlerError, Incoming, headers, run};
+use orderflow_db::Conn;
+use orderflow_envelope::events::Event;
+use orderflow_testkit::{FaultProxy, TestBroker, TestDb, count, eventually, eventually_some};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Writes one `effects` row per call (with the id of the transaction that
+/// wrote it), then behaves as the reason says: `permanent` fails for good,
+/// `gate` waits for the test's go-ahead, `v<n>` applies version n of its
+/// aggregate (order id) only after version n-1, anything else succeeds.
+#[derive(Clone)]
+struct Recorder {
+    calls: Arc<Mutex<HashMap<Uuid, u32>>>,
+    entered: Arc<Notify>,
+    release: Arc<Semaphore>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self { calls: Arc::default(), entered: Arc::default(), release: Arc::new(Semaphore::new(0)) }
+    }
+}
+
+impl Recorder {
+    fn calls(&self, id: Uuid) -> u32 {
+        self.calls.lock().unwrap().get(&id).copied().unwrap_or(0)
+    }
+}
+
+impl Handler for Recorder {
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+        let Event::PaymentDeclined(ev) = msg.event else {
+            return Err(HandlerError::Permanent("unexpected event".into()));
+        };
+        *self.calls.lock().unwrap().entry(msg.envelope.message_id).or_default() += 1;
+        diesel::sql_query("INSERT INTO effects (message_id) VALUES ($1)")
+            .bind::<SqlUuid, _>(msg.envelope.message_id)
+            .execute(conn)
+            .await?;
+        if ev.reason == "permanent" {
+            return Err(HandlerError::Permanent("poisoned".into()));
+        }
+        if ev.reason == "gate" {
+            self.entered.notify_one();
+            self.release.acquire().await.unwrap().forget();
+        }
+        if let Some(version) = ev.reason.strip_prefix('v') {
+            let version: i64 = version.parse().unwrap();
+            let agg = ev.order_id.to_string();
+            let moved = diesel::sql_query("UPDATE aggs SET version = $2 WHERE id = $1 AND version = $2 - 1")
+                .bind::<Text, _>(&agg)
+                .bind::<BigInt, _>(version)
+                .execute(conn)
+                .await?;
+            if moved == 1 {
+                diesel::sql_query("INSERT INTO applied (agg, version) VALUES ($1, $2)")
+                    .bind::<Text, _>(&agg)
+                    .bind::<BigInt, _>(version)
+                    .execute(conn)
+                    .await?;
+            } else {
+                #[derive(diesel::QueryableByName)]
+                struct V {
+                    #[diesel(sql_type = BigInt)]
+                    version: i64,
+                }
+                let current: V = diesel::sql_query("SELECT version FROM aggs WHERE id = $1")
+                    .bind::<Text, _>(&agg)
+                    .get_result(conn)
+                    .await?;
+                if current.version < version {
+                    return Err(HandlerError::Conflict(format!("{agg} is at {}, {version} is early", current.version)));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Setup {
+    db: TestDb,
+    broker: TestBroker,
+    spec: QueueSpec,
+    channel: orderflow_broker::lapin::Channel,
+    _conn: orderflow_broker::lapin::Connection,
+}
+
+async fn setup(retry_delays: &[u64]) -> Setup {
+    let db = TestDb::new(None).await;
+    exec(&db.pool, "CREATE TABLE effects (id BIGSERIAL PRIMARY KEY, message_id UUID NOT NULL, tx BIGINT NOT NULL DEFAULT txid_current())").await;
+    let broker = TestBroker::new().await;
+    let spec = QueueSpec {
+        consumer: "batched".into(),
+        bindings: vec!["payment.declined".into()],
+        retry_delays: retry_delays.iter().map(|ms| Duration::from_millis(*ms)).collect(),
+        delivery_limit: 100,
+    };
+    broker.track(&spec);
+    let (conn, channel) = broker.channel().await;
+    broker.topology.declare_consumer(&channel, &spec).await.unwrap();
+    Setup { db, broker, spec, channel, _conn: conn }
+}
+
+impl Setup {
+    /// A consumer that gathers up to 16 deliveries for up to 300 ms, so that
+    /// messages published before it starts form one batch.
+    fn config(&self, amqp_url: &str) -> ConsumerConfig {
+        let mut cfg = ConsumerConfig::new(amqp_url.to_owned(), self.broker.topology.clone(), self.spec.clone());
+        cfg.concurrency = 1;
+        cfg.batch_size = 16;
+        cfg.batch_linger = Duration::from_millis(300);
+        cfg
+    }
+
+    async fn ready_in_queue(&self) -> u32 {
+        let queue = self.broker.topology.queue(&self.spec.consumer);
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        self.channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await.unwrap().message_count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_message_in_a_batch_is_dead_lettered_alone_and_the_rest_commit_once() {
+    let s = setup(&[100]).await;
+    let good: Vec<_> = (0..9).map(|_| declined("ok")).collect();
+    let poisoned = declined("permanent");
+    for env in &good[..4] {
+        s.broker.publish(&s.channel, env).await;
+    }
+    s.broker.publish(&s.channel, &poisoned).await;
+    for env in &good[4..] {
+        s.broker.publish(&s.channel, env).await;
+    }
+    let handler = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(s.config(&s.broker.amqp_url), s.db.pool.clone(), handler.clone(), shutdown.clone()));
+
+    let dlq = s.broker.topology.dead_letter_queue(&s.spec.consumer);
+    let parked = eventually_some("the poisoned message in the DLQ", DEADLINE, || async {
+        let msg = s.channel.basic_get(dlq.as_str().into(), BasicGetOptions::default()).await.unwrap()?;
+        msg.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        Some(msg.delivery.properties.clone())
+    })
+    .await;
+    assert_eq!(parked.message_id().as_ref().map(|m| m.to_string()), Some(poisoned.message_id.to_string()));
+    assert!(header_str(&parked, headers::ERROR).unwrap().contains("poisoned"), "{parked:?}");
+    eventually("the others handled and acked", DEADLINE, || async {
+        count(&s.db.pool, "SELECT count(*) AS n FROM inbox").await == 9 && s.ready_in_queue().await == 0
+    })
+    .await;
+    assert_eq!(count(&s.db.pool, "SELECT count(*) AS n FROM effects").await, 9, "the poisoned write rolled back");
+    assert_eq!(count(&s.db.pool, "SELECT count(DISTINCT tx) AS n FROM effects").await, 1, "one commit for the batch");
+    for env in &good {
+        assert_eq!(handler.calls(env.message_id), 1);
+    }
+    assert_eq!(handler.calls(poisoned.message_id), 1, "a permanent failure is not retried");
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_inside_one_batch_are_handled_once() {
+    let s = setup(&[100]).await;
+    let twice = declined("ok");
+    let other = declined("ok");
+    for env in [&twice, &other, &twice, &twice] {
+        s.broker.publish(&s.channel, env).await;
+    }
+    let handler = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(s.config(&s.broker.amqp_url), s.db.pool.clone(), handler.clone(), shutdown.clone()));
+    eventually("all four deliveries acked", DEADLINE, || async {
+        count(&s.db.pool, "SELECT count(*) AS n FROM inbox").await == 2 && s.ready_in_queue().await == 0
+    })
+    .await;
+    assert_eq!(handler.calls(twice.message_id), 1, "duplicates never reach the handler");
+    assert_eq!(count(&s.db.pool, "SELECT count(*) AS n FROM effects").await, 2);
+    assert_eq!(count(&s.db.pool, "SELECT count(DISTINCT tx) AS n FROM effects").await, 1, "one batch");
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+/// The broker connection dies after the handlers ran but before the batch
+/// is acked; its transaction commits anyway. The broker redelivers the whole
+/// batch to the reconnected consumer, and the inbox turns every delivery
+/// into a duplicate: nothing is applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_committed_but_never_acked_is_redelivered_and_deduplicated() {
+    let s = setup(&[100]).await;
+    let gated = declined("gate");
+    let rest: Vec<_> = (0..4).map(|_| declined("ok")).collect();
+    s.broker.publish(&s.channel, &gated).await;
+    for env in &rest {
+        s.broker.publish(&s.channel, env).await;
+    }
+    let proxy = FaultProxy::for_url(&s.broker.amqp_url).await;
+    let handler = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let cfg = s.config(&proxy.url_through(&s.broker.amqp_url));
+    let connected = cfg.connected.clone();
+    let task = tokio::spawn(run(cfg, s.db.pool.clone(), handler.clone(), shutdown.clone()));
+
+    // The batch is in its transaction; the broker connection goes.
+    tokio::time::timeout(DEADLINE, handler.entered.notified()).await.unwrap();
+    proxy.cut();
+    eventually("the broker connection closed", DEADLINE, || async { proxy.open_connections() == 0 }).await;
+    // Now the batch commits; its acks cannot reach the broker.
+    handler.release.add_permits(100);
+    eventually("the batch committed", DEADLINE, || async {
+        count(&s.db.pool, "SELECT count(*) AS n FROM inbox").await == 5
+    })
+    .await;
+    proxy.restore();
+    eventually("redelivered and acked as duplicates", DEADLINE, || async {
+        AtomicBool::load(&connected, Ordering::Relaxed) && s.ready_in_queue().await == 0 && {
+            let (_c, probe) = s.broker.channel().await;
+            // Nothing unacked either: a fresh consumer would get nothing.
+            probe
+                .basic_get(s.broker.topology.queue(&s.spec.consumer).as_str().into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+                .is_none()
+        }
+    })
+    .await;
+    for env in std::iter::once(&gated).chain(&rest) {
+        assert_eq!(handler.calls(env.message_id), 1, "applied once");
+    }
+    assert_eq!(count(&s.db.pool, "SELECT count(*) AS n FROM effects").await, 5);
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+/// Versions of each aggregate arrive in order but are handled by
+/// concurrent batches; a version that comes early conflicts and goes again.
+/// Every aggregate ends at its last version with each version applied
+/// once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_aggregate_order_holds_for_a_version_checking_handler() {
+    let s = setup(&[50, 100, 200, 400]).await;
+    exec(&s.db.pool, "CREATE TABLE aggs (id TEXT PRIMARY KEY, version BIGINT NOT NULL)").await;
+    exec(
+        &s.db.pool,
+        "CREATE TABLE applied (seq BIGSERIAL PRIMARY KEY, agg TEXT NOT NULL, version BIGINT NOT NULL, UNIQUE (agg, version))",
+    )
+    .await;
+    let aggregates: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    for agg in &aggregates {
+        exec(&s.db.pool, &format!("INSERT INTO aggs VALUES ('{agg}', 0)")).await;
+    }
+    let handler = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let mut cfg = s.config(&s.broker.amqp_url);
+    cfg.concurrency = 4;
+    cfg.batch_size = 8;
+    cfg.batch_linger = Duration::ZERO;
+    let task = tokio::spawn(run(cfg, s.db.pool.clone(), handler.clone(), shutdown.clone()));
+    for version in 1..=10 {
+        for (k, agg) in aggregates.iter().enumerate() {
+            let mut env = declined(&format!("v{version}"));
+            env.payload["order_id"] = serde_json::json!(agg);
+            s.broker.publish(&s.channel, &env).await;
+            if (k + version) % 7 == 0 {
+                // A duplicate delivery now and then.
+                s.broker.publish(&s.channel, &env).await;
+            }
+        }
+    }
+    eventually("every aggregate at version 10", DEADLINE, || async {
+        count(&s.db.pool, "SELECT count(*) AS n FROM aggs WHERE version = 10").await == 20
+    })
+    .await;
+    assert_eq!(count(&s.db.pool, "SELECT count(*) AS n FROM applied").await, 200, "each version applied once");
+    let out_of_order = count(
+        &s.db.pool,
+        "SELECT count(*) AS n FROM (SELECT version, lag(version) OVER (PARTITION BY agg ORDER BY seq) AS before \
+         FROM applied) v WHERE before IS NOT NULL AND version <> before + 1",
+    )
+    .await;
+    assert_eq!(out_of_order, 0, "versions applied in order");
+    let dlq = s.broker.topology.dead_letter_queue(&s.spec.consumer);
+    assert!(drain(&s.channel, &dlq).await.is_empty(), "nothing dead-lettered");
+    shutdown.cancel();
+    task.await.unwrap();
+}
