@@ -57,7 +57,15 @@ ensure() {
   if ! listening "$AMQP_HOST" "$AMQP_PORT"; then
     command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
     echo "starting RabbitMQ"
-    rabbitmq-server -detached || true
+    # Every quorum queue holds files open; at the default 1024 descriptors
+    # a broker with many (test) queues stops accepting connections. Start it
+    # with as many as the hard limit allows.
+    # `su` keeps our limits: raise the soft one to the hard one first.
+    if [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] && id rabbitmq >/dev/null 2>&1; then
+      su rabbitmq -s /bin/sh -c "ulimit -n $(ulimit -Hn); /usr/lib/rabbitmq/bin/rabbitmq-server -detached" || true
+    else
+      (ulimit -n "$(ulimit -Hn)" 2>/dev/null; rabbitmq-server -detached) || true
+    fi
     wait_for RabbitMQ "$AMQP_HOST" "$AMQP_PORT"
     rabbitmqctl await_startup >/dev/null 2>&1 || true
   fi

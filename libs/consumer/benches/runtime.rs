@@ -32,7 +32,7 @@ impl Handler for RowAndOutbox {
             .bind::<SqlUuid, _>(msg.envelope.message_id)
             .execute(conn)
             .await?;
-        let caused = PaymentDeclined { order_id: Uuid::now_v7(), reason: "bench".into() };
+        let caused = PaymentDeclined { order_id: Uuid::now_v7().to_string(), reason: "bench".into() };
         orderflow_outbox::emit(conn, &caused, 1, &msg.meta()).await?;
         Ok(())
     }
@@ -61,7 +61,7 @@ async fn measure(messages: usize, concurrency: usize, batch_size: usize) -> f64 
     let (_c, channel) = broker.channel().await;
     broker.topology.declare_consumer(&channel, &spec).await.unwrap();
     for _ in 0..messages {
-        let e = PaymentDeclined { order_id: Uuid::now_v7(), reason: "payment declined".into() };
+        let e = PaymentDeclined { order_id: Uuid::now_v7().to_string(), reason: "payment declined".into() };
         broker.publish(&channel, &Envelope::new(&e, 1, &Metadata::default()).unwrap()).await;
     }
 

@@ -108,8 +108,12 @@ mod tests {
     use super::*;
 
     fn event() -> Envelope {
-        Envelope::new(&PaymentDeclined { order_id: Uuid::now_v7(), reason: "r".into() }, 1, &Metadata::default())
-            .unwrap_or_else(|e| panic!("{e}"))
+        Envelope::new(
+            &PaymentDeclined { order_id: Uuid::now_v7().to_string(), reason: "r".into() },
+            1,
+            &Metadata::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

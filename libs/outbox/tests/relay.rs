@@ -291,7 +291,11 @@ async fn returns_are_credited_to_the_returned_row_even_when_acks_are_merged() {
                     declined(order, 1)
                 } else {
                     Envelope::new(
-                        &PaymentRefunded { order_id: order, payment_id: Uuid::now_v7(), amount: 1 },
+                        &PaymentRefunded {
+                            order_id: order.to_string(),
+                            payment_id: Uuid::now_v7(),
+                            amount: Money::from_minor(1),
+                        },
                         1,
                         &Metadata::default(),
                     )

@@ -61,8 +61,12 @@ impl Handler for Scripted {
 }
 
 pub fn declined(reason: &str) -> Envelope {
-    Envelope::new(&PaymentDeclined { order_id: Uuid::now_v7(), reason: reason.into() }, 1, &Metadata::default())
-        .unwrap()
+    Envelope::new(
+        &PaymentDeclined { order_id: Uuid::now_v7().to_string(), reason: reason.into() },
+        1,
+        &Metadata::default(),
+    )
+    .unwrap()
 }
 
 pub async fn exec(pool: &Pool, sql: &str) {
