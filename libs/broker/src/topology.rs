@@ -297,6 +297,13 @@ mod tests {
     }
 
     #[test]
+    fn delay_queues_are_named_by_their_delay() {
+        let t = Topology::new("p");
+        assert_eq!(t.retry_queue("c", Duration::from_secs(5)), "p.c.retry.5s");
+        assert_eq!(t.retry_queue("c", Duration::from_millis(1500)), "p.c.retry.1500ms");
+    }
+
+    #[test]
     fn reads_both_forms_of_the_inequivalent_arg_refusal() {
         let e = refusal(
             "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in vhost '/': received '7' but current is '5'",

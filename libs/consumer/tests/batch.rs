@@ -64,6 +64,20 @@ impl Handler for Recorder {
             self.entered.notify_one();
             self.release.acquire().await.unwrap().forget();
         }
+        if let Some(rows) = ev.reason.strip_prefix("rows:") {
+            // Updates the rows in the order given, pausing after the first
+            // so that a transaction taking them the other way round meets
+            // this one in a deadlock.
+            for (k, row) in rows.split(',').enumerate() {
+                diesel::sql_query("UPDATE counters SET n = n + 1 WHERE id = $1")
+                    .bind::<Text, _>(row)
+                    .execute(conn)
+                    .await?;
+                if k == 0 {
+                    diesel::sql_query("SELECT pg_sleep(0.3)").execute(conn).await?;
+                }
+            }
+        }
         if let Some(version) = ev.reason.strip_prefix('v') {
             let version: i64 = version.parse().unwrap();
             let agg = ev.order_id.to_string();
@@ -298,6 +312,44 @@ async fn per_aggregate_order_holds_for_a_version_checking_handler() {
     )
     .await;
     assert_eq!(out_of_order, 0, "versions applied in order");
+    let dlq = s.broker.topology.dead_letter_queue(&s.spec.consumer);
+    assert!(drain(&s.channel, &dlq).await.is_empty(), "nothing dead-lettered");
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+/// Two concurrent batches take the same rows in opposite orders: PostgreSQL
+/// breaks the deadlock by failing one statement; that message is rolled
+/// back to its savepoint and goes again once the other batch committed.
+/// Each message is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_between_batches_is_retried_and_applied_once() {
+    let s = setup(&[100, 200]).await;
+    exec(&s.db.pool, "CREATE TABLE counters (id TEXT PRIMARY KEY, n INT NOT NULL)").await;
+    exec(&s.db.pool, "INSERT INTO counters VALUES ('a', 0), ('b', 0)").await;
+    let deadlocks = format!("SELECT deadlocks AS n FROM pg_stat_database WHERE datname = '{}'", s.db.name);
+    let before = count(&s.db.pool, &deadlocks).await;
+    let forward = declined("rows:a,b");
+    let backward = declined("rows:b,a");
+    s.broker.publish(&s.channel, &forward).await;
+    s.broker.publish(&s.channel, &backward).await;
+    let handler = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let mut cfg = s.config(&s.broker.amqp_url);
+    // One message per batch, two batches at once.
+    cfg.concurrency = 2;
+    cfg.batch_size = 1;
+    cfg.batch_linger = Duration::ZERO;
+    let task = tokio::spawn(run(cfg, s.db.pool.clone(), handler.clone(), shutdown.clone()));
+    eventually("both handled", DEADLINE, || async {
+        count(&s.db.pool, "SELECT count(*) AS n FROM inbox").await == 2 && s.ready_in_queue().await == 0
+    })
+    .await;
+    assert_eq!(count(&s.db.pool, "SELECT sum(n)::bigint AS n FROM counters").await, 4, "each message applied once");
+    assert_eq!(count(&s.db.pool, "SELECT count(*) AS n FROM counters WHERE n = 2").await, 2);
+    // The statistics collector reports with a delay.
+    eventually("the deadlock was met", DEADLINE, || async { count(&s.db.pool, &deadlocks).await > before }).await;
+    assert!(handler.calls(forward.message_id) + handler.calls(backward.message_id) >= 3, "one of them went again");
     let dlq = s.broker.topology.dead_letter_queue(&s.spec.consumer);
     assert!(drain(&s.channel, &dlq).await.is_empty(), "nothing dead-lettered");
     shutdown.cancel();
