@@ -136,7 +136,10 @@ fn spawn(name: &str, program: &str, args: &[String]) -> Proc {
     let log = std::fs::File::create(work_dir().join(format!("{name}.log"))).unwrap();
     let child = Command::new(program)
         .args(args)
-        .env("RUST_LOG", std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn,lapin::returned_messages=error".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn,lapin::returned_messages=error".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
@@ -238,7 +241,8 @@ async fn check(orders: &Pool, processor: &Pool) -> Result<String, String> {
     let pending = one(orders, "SELECT count(*) AS n FROM orders WHERE status = 'pending'").await;
     let confirmed = one(orders, "SELECT count(*) AS n FROM orders WHERE status = 'confirmed'").await;
     let not_confirmed = one(orders, "SELECT count(*) AS n FROM orders WHERE status <> 'confirmed'").await;
-    let total = one(orders, "SELECT coalesce(sum(total_amount), 0)::bigint AS n FROM orders WHERE status = 'confirmed'").await;
+    let total =
+        one(orders, "SELECT coalesce(sum(total_amount), 0)::bigint AS n FROM orders WHERE status = 'confirmed'").await;
     let want_shipped = by_sku(
         orders,
         "SELECT i.sku, sum(i.quantity)::bigint AS n FROM order_items i JOIN orders o ON o.id = i.order_id \
@@ -288,10 +292,11 @@ fn pgbench_script() -> &'static str {
     // line, the order.created outbox row and the timeline row, then the
     // order read back, in one transaction. Payloads of a real order's size.
     r#"\set n random(1, 9000000000000000000)
+\set lane :n % 32
 BEGIN;
 INSERT INTO orders (id, customer_id, status, total_amount, force_fail, request_hash) VALUES ('pgb-' || :n, 'c-' || :client_id, 'pending', 4998, false, '3f79bb7b435b05321651daefd374cdc681dc06faa65e374e38337b88ca046dea') ON CONFLICT (id) DO NOTHING;
 INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price) VALUES ('pgb-' || :n, 0, 'BENCH-042', 2, 2499);
-INSERT INTO outbox (message_id, event_type, schema_version, aggregate_type, aggregate_id, aggregate_version, lane, payload, headers, occurred_at) VALUES (gen_random_uuid(), 'order.created', '2.0', 'order', 'pgb-' || :n, 1, (:n % 32)::smallint, '{"order_id": "pgb-1", "customer_id": "c-1", "items": [{"sku": "BENCH-042", "quantity": 2, "price": 24.99}], "total_amount": 49.98, "force_fail": false}'::jsonb, '{"correlation_id": "0193a2b4-5c6d-7e8f-9a0b-1c2d3e4f5a6b", "causation_id": null, "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}'::jsonb, now());
+INSERT INTO outbox (message_id, event_type, schema_version, aggregate_type, aggregate_id, aggregate_version, lane, payload, headers, occurred_at) VALUES (gen_random_uuid(), 'order.created', '2.0', 'order', 'pgb-' || :n, 1, :lane, '{"order_id": "pgb-1", "customer_id": "c-1", "items": [{"sku": "BENCH-042", "quantity": 2, "price": 24.99}], "total_amount": 49.98, "force_fail": false}'::jsonb, '{"correlation_id": "0193a2b4-5c6d-7e8f-9a0b-1c2d3e4f5a6b", "causation_id": null, "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}'::jsonb, now());
 INSERT INTO order_timeline (order_id, event_type, message_id, occurred_at, details) VALUES ('pgb-' || :n, 'order.created', gen_random_uuid(), now(), '{"customer_id": "c-1", "items": [{"sku": "BENCH-042", "quantity": 2, "price": 24.99}], "total_amount": 49.98, "force_fail": false}'::jsonb) ON CONFLICT (message_id) DO NOTHING;
 SELECT id, customer_id, status, total_amount, force_fail, fail_reason, cancel_reason, tracking_number, version, request_hash, created_at, updated_at FROM orders WHERE id = 'pgb-' || :n LIMIT 1;
 SELECT order_id, line_no, sku, quantity, unit_price FROM order_items WHERE order_id = 'pgb-' || :n ORDER BY line_no;
@@ -637,12 +642,7 @@ fn svg(points: &[(f64, f64, f64)], path: &std::path::Path, caption: &str) {
     );
     for p in points {
         let xx = x(p.0);
-        let _ = writeln!(
-            s,
-            r##"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-            h - bottom + 16.0,
-            p.0
-        );
+        let _ = writeln!(s, r##"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"##, h - bottom + 16.0, p.0);
     }
     let _ = writeln!(
         s,
@@ -707,7 +707,8 @@ fn cpu_line(run: &Run) -> String {
     )
 }
 
-#[tokio::main(flavor = "current_thread")]
+// Multi-thread: the test kit migrates databases with diesel-async's harness, which needs it.
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let warmup = size("BENCH_WARMUP_SECONDS", 5.0, 2.0);
     let step = size("BENCH_STEP_SECONDS", 20.0, 6.0);
@@ -768,7 +769,8 @@ async fn main() {
         ));
         intake_runs.push(run);
     }
-    let intake_rss = intake.procs.iter().map(|p| (format!("{} (intake)", p.name), kib(p.pid(), "VmHWM:"))).collect::<Vec<_>>();
+    let intake_rss =
+        intake.procs.iter().map(|p| (format!("{} (intake)", p.name), kib(p.pid(), "VmHWM:"))).collect::<Vec<_>>();
     intake.stop().await;
     drop(pg_db);
 
@@ -788,7 +790,8 @@ async fn main() {
     // The pipeline.
     let system = System::start(true).await;
     // One order through, so that every connection and queue is warm.
-    let warm = Load { rate: 5.0, seconds: 2.0, warmup: 0.0, products: PRODUCTS, connections: 16, poll: true, coarse: false };
+    let warm =
+        Load { rate: 5.0, seconds: 2.0, warmup: 0.0, products: PRODUCTS, connections: 16, poll: true, coarse: false };
     let w = load(&system, &warm, "warm").await;
     assert_eq!(w.report.not_final, 0, "the pipeline does not finish orders: {}", w.report.render());
 
@@ -818,7 +821,8 @@ async fn main() {
     }
     if at_200.is_none() {
         println!("latency at 200/s for {step} s ...");
-        let l = Load { rate: 200.0, seconds: step, warmup, products: PRODUCTS, connections: 16, poll: true, coarse: false };
+        let l =
+            Load { rate: 200.0, seconds: step, warmup, products: PRODUCTS, connections: 16, poll: true, coarse: false };
         let run = load(&system, &l, "at200").await;
         println!("{}  drained in {:.1} s; {:?}", run.report.render(), run.drained_s, run.check);
         points.push((200.0, run.report.e2e.p50_ms, run.report.e2e.p99_ms));
@@ -837,9 +841,11 @@ async fn main() {
         "p50 <= 30 ms, p99 <= 150 ms",
         &at_200.check,
     ));
-    let sweep_check = sweep_checks.iter().find(|c| c.is_err()).cloned().unwrap_or_else(|| {
-        sweep_checks.last().cloned().unwrap_or(Ok(String::new()))
-    });
+    let sweep_check = sweep_checks
+        .iter()
+        .find(|c| c.is_err())
+        .cloned()
+        .unwrap_or_else(|| sweep_checks.last().cloned().unwrap_or(Ok(String::new())));
     rows.push(row(
         "highest offered rate with p99 < 1 s (sweep)",
         best_rate_under_1s.map_or("none of the rates".to_owned(), |r| format!("{r:.0} orders/s")),
@@ -921,7 +927,11 @@ async fn main() {
     let lg = &spread.report;
     rows.push(row(
         "load driver cost (throughput run)",
-        format!("{:.1}% of one core; {:.1}% of the machine's busy CPU", lg.cpu_share() * 100.0, 100.0 * lg.cpu_s / spread.machine_busy_s.max(1e-9)),
+        format!(
+            "{:.1}% of one core; {:.1}% of the machine's busy CPU",
+            lg.cpu_share() * 100.0,
+            100.0 * lg.cpu_s / spread.machine_busy_s.max(1e-9)
+        ),
         String::new(),
         "far below the system",
         &none,
@@ -933,7 +943,8 @@ async fn main() {
     println!();
     println!("orderflow system benchmark, {date}, {cores} cores (make bench)");
     let wid = |f: &dyn Fn(&Row) -> usize| rows.iter().map(f).max().unwrap_or(0);
-    let (a, b, c, d) = (wid(&|r| r.what.len()), wid(&|r| r.measured.len()), wid(&|r| r.ceiling.len()), wid(&|r| r.goal.len()));
+    let (a, b, c, d) =
+        (wid(&|r| r.what.len()), wid(&|r| r.measured.len()), wid(&|r| r.ceiling.len()), wid(&|r| r.goal.len()));
     println!("| {:<a$} | {:<b$} | {:<c$} | {:<d$} | check |", "what", "measured", "ceiling / reference", "goal");
     println!("|{}|{}|{}|{}|-------|", "-".repeat(a + 2), "-".repeat(b + 2), "-".repeat(c + 2), "-".repeat(d + 2));
     for r in &rows {

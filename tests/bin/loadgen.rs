@@ -85,7 +85,10 @@ async fn catalog(args: &Args) -> anyhow::Result<Vec<load::CatalogItem>> {
             .await
             .and_then(reqwest::Response::error_for_status)
             .with_context(|| {
-                format!("cannot read the catalog from {}; is processor-service running? (or pass --catalog)", args.products_url)
+                format!(
+                    "cannot read the catalog from {}; is processor-service running? (or pass --catalog)",
+                    args.products_url
+                )
             })?
             .bytes()
             .await?
@@ -97,7 +100,8 @@ async fn catalog(args: &Args) -> anyhow::Result<Vec<load::CatalogItem>> {
 async fn run(args: Args) -> anyhow::Result<String> {
     let catalog = catalog(&args).await?;
     let tag = args.tag.clone().unwrap_or_else(|| {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
         format!("lg{now}")
     });
     let products = if args.products == 0 { catalog.len() } else { args.products };

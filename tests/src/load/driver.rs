@@ -350,9 +350,12 @@ async fn schedule<A: Api + 'static>(shared: Rc<Shared<A>>, total: u64) {
         // Late orders are still sent (and their wait counted) until the
         // load ends; what could not be sent by then is reported.
         let Ok(Ok(permit)) = timeout_at(end, permits.clone().acquire_owned()).await else {
+            let now = shared.since_start(Instant::now());
             let mut rec = shared.rec.borrow_mut();
-            rec.not_sent = total - i;
             rec.scheduled = total;
+            for j in i..total {
+                rec.on_not_sent(scheduled_offset(j, shared.cfg.rate), now);
+            }
             break;
         };
         let body = shared.body(i, &mut rng);

@@ -25,7 +25,7 @@ mod driver;
 mod record;
 mod report;
 
-pub use catalog::{CatalogItem, CatalogError, parse_catalog};
+pub use catalog::{CatalogError, CatalogItem, parse_catalog};
 pub use driver::{Api, HttpApi, LoadConfig, LoadError, Mix, PollPolicy, RequestError, Seen, run, run_with};
 pub use record::{FinalStatus, Recorder, scheduled_offset};
 pub use report::{LatencySummary, Report, cpu_seconds_self, peak_rss_kib};

@@ -158,6 +158,18 @@ impl Recorder {
         }
     }
 
+    /// Order scheduled at `at` could not be sent by `now`, the end of the
+    /// load (every connection busy): it counts as not sent, and in the
+    /// latencies at its age then (a lower bound), so that a driver that
+    /// falls behind cannot make the figures look better.
+    pub fn on_not_sent(&mut self, at: Duration, now: Duration) {
+        self.not_sent += 1;
+        if self.in_window(at) {
+            self.post.saturating_record(micros(now.saturating_sub(at)));
+            self.e2e.saturating_record(micros(now.saturating_sub(at)));
+        }
+    }
+
     /// Rate of `n` events over the window, per second.
     pub fn per_second(&self, n: u64) -> f64 {
         let w = self.window().as_secs_f64();
@@ -234,5 +246,8 @@ mod tests {
         r.on_not_final(ms(100), ms(31_100));
         assert_eq!(r.not_final, 1);
         assert!((Recorder::summary(&r.e2e).max_ms - 31_000.0).abs() < 50.0);
+        r.on_not_sent(ms(900), ms(1000));
+        assert_eq!((r.not_sent, r.e2e.len(), r.post.len()), (1, 2, 2));
+        assert!((Recorder::summary(&r.post).max_ms - 100.0).abs() < 1.0);
     }
 }

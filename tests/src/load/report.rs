@@ -70,6 +70,10 @@ impl Report {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let l = |s: &mut String, name: &str, h: &LatencySummary| {
+            if h.count == 0 {
+                let _ = writeln!(s, "  {name:<34} n/a (no orders)");
+                return;
+            }
             let _ = writeln!(
                 s,
                 "  {name:<34} p50 {:>9.1}  p90 {:>9.1}  p99 {:>9.1}  max {:>9.1} ms  (n={})",
