@@ -551,13 +551,15 @@ async fn load(system: &System, l: &Load, tag: &str) -> Run {
     };
     let cpu_before = cpu_now();
     let busy_before = machine_busy();
-    let child = Command::new(bin("loadgen"))
+    // A plain child process waited for on a blocking thread: with tokio's
+    // child handling this wait never saw the driver exit (left a zombie).
+    let child = std::process::Command::new(bin("loadgen"))
         .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
     let samples = Arc::new(Mutex::new(Vec::new()));
     let sampler = {
         let samples = samples.clone();
@@ -576,8 +578,8 @@ async fn load(system: &System, l: &Load, tag: &str) -> Run {
             }
         }
     };
-    let (out, ()) = tokio::join!(child.wait_with_output(), sampler);
-    let out = out.unwrap();
+    let (out, ()) = tokio::join!(waiter, sampler);
+    let out = out.unwrap().unwrap();
     assert!(out.status.success(), "loadgen failed ({})", out.status);
     let report: Report = serde_json::from_slice(&out.stdout).expect("loadgen's JSON report");
     let cpu_after = cpu_now();
