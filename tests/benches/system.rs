@@ -44,6 +44,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use orderflow_broker::lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use orderflow_broker::lapin::types::FieldTable;
+use orderflow_broker::lapin::{Channel, Connection};
 use orderflow_broker::{QueueSpec, properties_for};
 use orderflow_db::Pool;
 use orderflow_e2e::consumer_specs;
@@ -338,8 +339,7 @@ async fn raw_publish(broker: &TestBroker, messages: usize) -> f64 {
         retry_delays: vec![],
         delivery_limit: 5,
     };
-    broker.track(&spec);
-    let (_conn, channel) = broker.channel().await;
+    let (_conn, channel) = amqp(broker).await;
     broker.topology.declare_consumer(&channel, &spec).await.unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let envelopes: Vec<Envelope> = (0..messages)
@@ -375,15 +375,44 @@ async fn raw_publish(broker: &TestBroker, messages: usize) -> f64 {
     rate
 }
 
+// ------------------------------------------------------------------- broker
+
+/// A connection and channel to the test broker, each attempt bounded: on
+/// this machine a lapin connect sometimes never completes (seen in the
+/// bench's first connection of a process, and in the test kit's clean-up).
+async fn amqp(broker: &TestBroker) -> (Connection, Channel) {
+    for attempt in 1..=5 {
+        match tokio::time::timeout(Duration::from_secs(10), broker.channel()).await {
+            Ok(c) => return c,
+            Err(_) => eprintln!("  connecting to RabbitMQ did not finish in 10 s (attempt {attempt}); trying again"),
+        }
+    }
+    panic!("cannot connect to RabbitMQ at {}", broker.amqp_url);
+}
+
+/// Deletes the queues of `specs` and the broker's exchange with bounded
+/// waits, instead of the test kit's drop (which can hang as above).
+async fn delete_topology(broker: TestBroker, specs: &[QueueSpec]) {
+    let broker = std::mem::ManuallyDrop::new(broker);
+    let (conn, _channel) = amqp(&broker).await;
+    match tokio::time::timeout(Duration::from_secs(30), broker.topology.delete(&conn, specs)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("  could not delete topology {}: {e}", broker.topology.prefix()),
+        Err(_) => eprintln!("  deleting topology {} did not finish in 30 s", broker.topology.prefix()),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bye".into())).await;
+}
+
 // ------------------------------------------------------------------- system
 
 struct System {
-    http: reqwest::Client,
     broker: TestBroker,
     orders_db: TestDb,
     processor_db: TestDb,
     order_url: String,
     procs: Vec<Proc>,
+    /// A channel for the backlog samples (pipeline only).
+    amqp: Option<(Connection, Channel)>,
 }
 
 fn bin(name: &str) -> String {
@@ -401,9 +430,6 @@ impl System {
     async fn start(pipeline: bool) -> Self {
         let http = reqwest::Client::new();
         let broker = TestBroker::new().await;
-        for spec in consumer_specs() {
-            broker.track(&spec);
-        }
         let orders_db = TestDb::new(Some(order_service::MIGRATIONS)).await;
         let processor_db = TestDb::new(Some(processor_service::MIGRATIONS)).await;
         let prefix = broker.topology.prefix().to_owned();
@@ -437,14 +463,18 @@ impl System {
                 procs.push(p);
             }
         }
-        Self { http, broker, orders_db, processor_db, order_url, procs }
+        let amqp = if pipeline { Some(amqp(&broker).await) } else { None };
+        Self { broker, orders_db, processor_db, order_url, procs, amqp }
     }
 
-    async fn stop(mut self) {
-        for p in self.procs.drain(..) {
+    async fn stop(self) {
+        let System { procs, broker, amqp, orders_db, processor_db, .. } = self;
+        for p in procs {
             p.stop().await;
         }
-        let _ = &self.http;
+        drop(amqp);
+        delete_topology(broker, &consumer_specs()).await;
+        drop((orders_db, processor_db));
     }
 
     /// Total backlog: ready messages in the services' queues, unpublished
@@ -467,9 +497,9 @@ impl System {
     /// Waits until nothing is queued, unpublished or pending (deadline 10 min).
     async fn wait_idle(&self) -> Duration {
         let started = Instant::now();
-        let (_conn, channel) = self.broker.channel().await;
+        let Some((_, channel)) = &self.amqp else { return Duration::ZERO };
         while started.elapsed() < Duration::from_secs(600) {
-            if self.backlog(&channel).await == (0, 0, 0) {
+            if self.backlog(channel).await == (0, 0, 0) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -561,25 +591,21 @@ async fn load(system: &System, l: &Load, tag: &str) -> Run {
         .unwrap();
     let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
     let samples = Arc::new(Mutex::new(Vec::new()));
-    let sampler = {
-        let samples = samples.clone();
-        let (conn, channel) = system.broker.channel().await;
+    eprintln!("  loadgen {} started", l.rate);
+    let sampler = async {
+        // Sampled once a second while the load runs (intake has no pipeline).
+        let Some((_, channel)) = system.amqp.as_ref().filter(|_| l.poll) else { return };
         let started = Instant::now();
-        let sys: &System = system;
-        // Sampled on this task, once a second while the load runs.
-        // Intake runs have no pipeline to sample.
-        let stop_at = if l.poll { started + Duration::from_secs_f64(l.seconds) } else { started };
-        async move {
-            let _conn = conn;
-            while Instant::now() < stop_at {
-                let (queued, outbox, pending) = sys.backlog(&channel).await;
-                samples.lock().unwrap().push(Sample { t: started.elapsed().as_secs_f64(), queued, outbox, pending });
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+        let stop_at = started + Duration::from_secs_f64(l.seconds);
+        while Instant::now() < stop_at {
+            let (queued, outbox, pending) = system.backlog(channel).await;
+            samples.lock().unwrap().push(Sample { t: started.elapsed().as_secs_f64(), queued, outbox, pending });
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     };
     let (out, ()) = tokio::join!(waiter, sampler);
     let out = out.unwrap().unwrap();
+    eprintln!("  loadgen {} done", l.rate);
     assert!(out.status.success(), "loadgen failed ({})", out.status);
     let report: Report = serde_json::from_slice(&out.stdout).expect("loadgen's JSON report");
     let cpu_after = cpu_now();
@@ -723,7 +749,7 @@ fn cpu_line(run: &Run) -> String {
 }
 
 // Multi-thread: the test kit migrates databases with diesel-async's harness, which needs it.
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let warmup = size("BENCH_WARMUP_SECONDS", 5.0, 2.0);
     let step = size("BENCH_STEP_SECONDS", 20.0, 6.0);
@@ -792,7 +818,13 @@ async fn main() {
     println!("raw publish-with-confirms, {ceiling_messages} messages ...");
     let ceiling_broker = TestBroker::new().await;
     let raw = raw_publish(&ceiling_broker, ceiling_messages).await;
-    drop(ceiling_broker);
+    let ceiling_spec = QueueSpec {
+        consumer: "ceiling".into(),
+        bindings: vec!["payment.declined".into()],
+        retry_delays: vec![],
+        delivery_limit: 5,
+    };
+    delete_topology(ceiling_broker, &[ceiling_spec]).await;
     let per_order_ceiling = raw / deliveries as f64;
     rows.push(row(
         "broker ceiling: raw publish-with-confirms, quorum queue",
