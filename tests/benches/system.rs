@@ -782,6 +782,10 @@ async fn main() {
     for conns in [16u32, 64] {
         println!("pgbench, {conns} clients, {pgbench_s} s ...");
         let tps = pgbench(&pg_db, conns, pgbench_s).await;
+        match &tps {
+            Ok(t) => println!("  pgbench: {t:.0} transactions/s"),
+            Err(e) => println!("  {e}"),
+        }
         println!("intake, {conns} connections, {intake_s} s at {intake_rate}/s offered ...");
         let l = Load {
             rate: intake_rate,
