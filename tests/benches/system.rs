@@ -32,6 +32,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -397,9 +398,10 @@ async fn try_amqp(broker: &TestBroker) -> Option<(Connection, Channel)> {
 }
 
 /// Deletes the queues of `specs` and the broker's exchange with bounded
-/// waits, instead of the test kit's drop (which can hang as above).
-async fn delete_topology(broker: TestBroker, specs: &[QueueSpec]) {
-    let broker = std::mem::ManuallyDrop::new(broker);
+/// waits. The bench never lets the test kit's drop run (it is
+/// `ManuallyDrop`): that drop waits without a bound for the broker, so a
+/// broker that does not answer would hang the bench, even on a panic.
+async fn delete_topology(broker: ManuallyDrop<TestBroker>, specs: &[QueueSpec]) {
     let Some((conn, _channel)) = try_amqp(&broker).await else {
         eprintln!("  left topology {} behind: RabbitMQ does not answer", broker.topology.prefix());
         return;
@@ -415,7 +417,7 @@ async fn delete_topology(broker: TestBroker, specs: &[QueueSpec]) {
 // ------------------------------------------------------------------- system
 
 struct System {
-    broker: TestBroker,
+    broker: ManuallyDrop<TestBroker>,
     orders_db: TestDb,
     processor_db: TestDb,
     order_url: String,
@@ -438,7 +440,7 @@ impl System {
     /// and a relay per database too, else order-service alone (intake).
     async fn start(pipeline: bool) -> Self {
         let http = reqwest::Client::new();
-        let broker = TestBroker::new().await;
+        let broker = ManuallyDrop::new(TestBroker::new().await);
         let orders_db = TestDb::new(Some(order_service::MIGRATIONS)).await;
         let processor_db = TestDb::new(Some(processor_service::MIGRATIONS)).await;
         let prefix = broker.topology.prefix().to_owned();
@@ -829,7 +831,7 @@ async fn main() {
     drop(pg_db);
 
     println!("raw publish-with-confirms, {ceiling_messages} messages ...");
-    let ceiling_broker = TestBroker::new().await;
+    let ceiling_broker = ManuallyDrop::new(TestBroker::new().await);
     let raw = raw_publish(&ceiling_broker, ceiling_messages).await;
     let ceiling_spec = QueueSpec {
         consumer: "ceiling".into(),
