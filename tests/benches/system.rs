@@ -378,9 +378,10 @@ async fn raw_publish(broker: &TestBroker, messages: usize) -> f64 {
 
 // ------------------------------------------------------------------- broker
 
-/// A connection and channel to the test broker, each attempt bounded: on
-/// this machine a lapin connect sometimes never completes (seen in the
-/// bench's first connection of a process, and in the test kit's clean-up).
+/// A connection and channel to the test broker, each attempt bounded: a
+/// broker that accepts TCP but stalls the AMQP handshake (seen on this
+/// machine while RabbitMQ recovered thousands of test queues) would
+/// otherwise hang the bench without a word.
 async fn amqp(broker: &TestBroker) -> (Connection, Channel) {
     try_amqp(broker).await.unwrap_or_else(|| {
         panic!("RabbitMQ at {} does not complete a connection: is it up and answering?", broker.amqp_url)
@@ -592,8 +593,7 @@ async fn load(system: &System, l: &Load, tag: &str) -> Run {
     };
     let cpu_before = cpu_now();
     let busy_before = machine_busy();
-    // A plain child process waited for on a blocking thread: with tokio's
-    // child handling this wait never saw the driver exit (left a zombie).
+    // The driver waited for on a blocking thread, beside the sampler.
     let child = std::process::Command::new(bin("loadgen"))
         .args(&args)
         .stdout(Stdio::piped())
