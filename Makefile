@@ -6,7 +6,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/orderflow/target
 CARGO ?= cargo
 
-.PHONY: help run build test fuzz validate-infra lint fmt bench chaos infra-up infra-down tools services clean-test-data
+.PHONY: help run build test fuzz validate-infra lint fmt bench bench-system chaos infra-up infra-down tools services clean-test-data
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,8 +44,14 @@ lint: ## Formatting, clippy (warnings are errors), cargo doc, supply chain (carg
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-bench: services ## Benchmarks: relay drain and latency against the broker's ceiling (release build, a few minutes)
+bench: services ## Benchmarks: the relay against the broker's ceiling, then the whole system under open-loop load against pgbench and raw publishing (release build, ~20 minutes)
 	$(CARGO) bench -p outbox-relay --bench relay
+	$(MAKE) --no-print-directory bench-system
+
+# `make bench-system BENCH_QUICK=1` for a smoke run of a few minutes; sizes in tests/benches/system.rs.
+bench-system: services ## The whole-system benchmark alone (pipeline throughput, latency sweep, intake vs pgbench, hot products, memory)
+	infra/local/services.sh pgbench
+	$(CARGO) bench -p orderflow-e2e --bench system
 
 # `make chaos ORDERS=1000 DURATION=10m CLIENTS=8 SEED=42`
 ORDERS ?= 300

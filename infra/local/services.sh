@@ -2,6 +2,7 @@
 # PostgreSQL and RabbitMQ on this machine.
 #   services.sh check   one line per unreachable service, with how to start it; exit 1 if any
 #   services.sh ensure  install (apt) what is missing, start what is down, wait until both answer
+#   services.sh pgbench install pgbench (apt, PostgreSQL's contrib package) if missing (make bench)
 set -euo pipefail
 
 PG_HOST=127.0.0.1 PG_PORT=5432 AMQP_HOST=127.0.0.1 AMQP_PORT=5672
@@ -71,8 +72,16 @@ ensure() {
   fi
 }
 
+ensure_pgbench() {
+  command -v pgbench >/dev/null && return 0
+  echo "installing pgbench (postgresql-contrib)"
+  apt_install postgresql-contrib
+  command -v pgbench >/dev/null || { echo "pgbench is still missing: install PostgreSQL's client tools" >&2; return 1; }
+}
+
 case "${1:-check}" in
   check) check ;;
   ensure) ensure ;;
-  *) echo "usage: $0 check|ensure" >&2; exit 2 ;;
+  pgbench) ensure_pgbench ;;
+  *) echo "usage: $0 check|ensure|pgbench" >&2; exit 2 ;;
 esac

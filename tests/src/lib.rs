@@ -6,7 +6,8 @@
 //!   SIGTERM and failpoints), optionally behind fault proxies;
 //! - [`chaos`]: orders under injected faults, for the test and `make chaos`;
 //! - [`invariants`]: what must hold after any run;
-//! - [`storm`]: every message delivered twice and out of order.
+//! - [`storm`]: every message delivered twice and out of order;
+//! - [`load`]: the open-loop load driver (`loadgen`, `make bench`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::Duration;
@@ -21,6 +22,7 @@ pub use orderflow_testkit::{count, eventually, eventually_some};
 
 pub mod chaos;
 pub mod invariants;
+pub mod load;
 pub mod storm;
 mod system;
 mod webhook;
