@@ -154,3 +154,23 @@ async fn dead_letters_are_listed_shown_and_requeued_with_a_record() {
     let (ok, log, _) = command(&["replays", "--database-url", &db.url]).await;
     assert!(ok && log.contains("dlq") && log.contains("1 items"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_timeout_shorter_than_two_lease_intervals_fails_at_start_with_one_line() {
+    let (ok, _, err) = command(&[
+        "run",
+        "--database-url",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+        "--session-timeout",
+        "1s",
+        "--lease-interval",
+        "1s",
+        "--metrics-addr",
+        "off",
+    ])
+    .await;
+    assert!(!ok);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("RELAY_SESSION_TIMEOUT") && lines[0].contains("RELAY_LEASE_INTERVAL"), "{err}");
+}

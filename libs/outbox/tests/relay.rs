@@ -326,3 +326,31 @@ async fn returns_are_credited_to_the_returned_row_even_when_acks_are_merged() {
     assert_eq!(t.published, 0, "unroutable rows marked published (lost)");
     assert_eq!(t.charged, 0, "delivered rows charged a failed attempt (duplicates)");
 }
+
+/// Issue 11, defect 3: what can never be published is refused when it is
+/// written, with a typed error; nothing is written and the caller's
+/// transaction goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_refuses_what_can_never_be_published_and_the_transaction_goes_on() {
+    use orderflow_outbox::{Limits, Unpublishable};
+    let db = TestDb::new(None).await;
+    let fine = declined(Uuid::now_v7(), 1);
+    let mut long_type = declined(Uuid::now_v7(), 1);
+    long_type.event_type = "x".repeat(256);
+    let mut too_big = declined(Uuid::now_v7(), 1);
+    too_big.payload = serde_json::json!({ "blob": "y".repeat(70_000) });
+    let mut conn = db.pool.get().await.unwrap();
+    let conn: &mut Conn = &mut conn;
+    conn.transaction::<_, diesel::result::Error, _>(async |tx| {
+        let e = orderflow_outbox::append(tx, &[fine.clone(), long_type.clone()]).await.unwrap_err();
+        assert_eq!(Unpublishable::find(&e), Some(&Unpublishable::EventTypeTooLong { len: 256 }), "{e}");
+        let limits = Limits { max_message_bytes: 64 * 1024 };
+        let e = orderflow_outbox::append_with(tx, std::slice::from_ref(&too_big), &limits).await.unwrap_err();
+        assert!(matches!(Unpublishable::find(&e), Some(Unpublishable::MessageTooLarge { max: 65536, .. })), "{e}");
+        // Still usable: the refusals wrote nothing and raised no SQL error.
+        orderflow_outbox::append(tx, std::slice::from_ref(&fine)).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&db.pool, "SELECT count(*) AS n FROM outbox").await, 1);
+}

@@ -18,10 +18,12 @@
 //!   before any batch is marked, so a return is never late for its row.
 //! - A row that can never be a message (event type over 255 bytes, body
 //!   above `max_message_bytes`, unreadable columns) is dead at once.
-//! - A publish the broker refuses (it closes the channel or connection,
-//!   e.g. a header frame above its `frame_max`) cannot be traced to a row
-//!   while many are in flight: the open batches are rolled back, and the
-//!   next `batch_size` rows are sent one at a time, each waiting for its
+//! - A publish the broker refuses (it closes the channel or connection
+//!   with a refusal such as `FRAME_ERROR` for a header above its
+//!   `frame_max`, `PRECONDITION_FAILED` or `ACCESS_REFUSED`; a lost
+//!   connection or a missing exchange is not a refusal) cannot be traced to
+//!   a row while many are in flight: the open batches are rolled back, and
+//!   the next `batch_size` rows are sent one at a time, each waiting for its
 //!   confirm, so the refusal is charged to the row that caused it (backoff,
 //!   dead after `max_attempts`) and the rows before it are published.
 //! - The broker unreachable: the relay drops its database session too, so
@@ -220,20 +222,6 @@ pub enum RelayError {
 impl RelayError {
     fn is_broker(&self) -> bool {
         matches!(self, Self::Broker(_) | Self::ConfirmTimeout(_))
-    }
-
-    /// The broker is plainly gone (connection lost, no heartbeat, no
-    /// confirm), as opposed to having turned down something that was sent.
-    fn is_outage(&self) -> bool {
-        use orderflow_broker::lapin::ErrorKind;
-        match self {
-            Self::ConfirmTimeout(_) | Self::Broker(BrokerError::Unreachable { .. }) => true,
-            Self::Broker(BrokerError::Operation { source, .. }) => matches!(
-                source.kind(),
-                ErrorKind::IOError(_) | ErrorKind::InvalidConnectionState(_) | ErrorKind::MissingHeartbeatError
-            ),
-            _ => false,
-        }
     }
 }
 
@@ -483,8 +471,11 @@ impl Db {
         let mut open: Vec<Option<Batch>> = (0..self.workers.len()).map(|_| None).collect();
         let result = self.pump_inner(&mut open, publisher, cfg, shutdown, careful).await;
         if let Err(e) = &result {
-            let in_flight = self.in_tx.iter().any(|t| *t);
-            if e.is_broker() && in_flight && !e.is_outage() && *careful == 0 {
+            // A failed publish says only that the channel is gone; the
+            // confirms rejected with it say why (the broker refused a
+            // message, or the connection was lost).
+            let refusal = publisher::refused(e) || open.iter_mut().flatten().any(|b| refusal_among(&mut b.confirms));
+            if e.is_broker() && refusal && *careful == 0 {
                 // The broker turned something down while many rows were in
                 // flight: find the row by sending one at a time.
                 *careful = usize::try_from(cfg.batch_size).unwrap_or(1).max(1);
@@ -528,7 +519,7 @@ impl Db {
                         continue;
                     }
                 } else if let Some(w) = free {
-                    let (claimed, batch) = self.start(w, publisher, cfg).await?;
+                    let (claimed, batch) = self.start(w, publisher, cfg, &mut open[w]).await?;
                     may_have_work = claimed as i64 >= cfg.batch_size;
                     open[w] = batch;
                     continue;
@@ -599,12 +590,14 @@ impl Db {
     /// Opens a claim transaction on worker `w`, claims a batch and sends it.
     /// Returns how many rows were claimed, and the batch if it has sends in
     /// flight (otherwise its transaction is already closed). On an error the
-    /// transaction is left for [`Db::pump`] to roll back.
+    /// transaction, and in `slot` the sends so far, are left for
+    /// [`Db::pump`] to inspect and roll back.
     async fn start(
         &mut self,
         w: usize,
         publisher: &Publisher,
         cfg: &RelayConfig,
+        slot: &mut Option<Batch>,
     ) -> Result<(usize, Option<Batch>), RelayError> {
         let lanes = self.lanes.held();
         if lanes.is_empty() {
@@ -621,9 +614,15 @@ impl Db {
         let mut outcomes = vec![None; rows.len()];
         let confirms = FuturesUnordered::new();
         for (i, row) in rows.iter().enumerate() {
-            match publisher.send(i, row).await? {
-                Ok(confirm) => confirms.push(confirm),
-                Err(outcome) => outcomes[i] = Some(outcome),
+            match publisher.send(i, row).await {
+                Ok(Ok(confirm)) => confirms.push(confirm),
+                Ok(Err(outcome)) => outcomes[i] = Some(outcome),
+                Err(e) => {
+                    // Keep the confirms sent so far in `slot`: they say why
+                    // it failed, and the transaction is rolled back with it.
+                    *slot = Some(Batch { rows, outcomes, confirms, started, claimed });
+                    return Err(e);
+                }
             }
         }
         let count = rows.len();
@@ -747,6 +746,19 @@ impl Db {
         record_metrics(&batch.rows, &batch.outcomes);
         Ok(())
     }
+}
+
+/// Whether one of `confirms` already failed because the broker refused a
+/// message (see [`publisher::refused`]).
+fn refusal_among(confirms: &mut FuturesUnordered<Confirm>) -> bool {
+    while let Some(Some((_, answer))) = confirms.next().now_or_never() {
+        if let Err(e) = answer
+            && publisher::refused(&e)
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// Records the broker's answer to row `i` of batch `w`: acked or nacked,
