@@ -91,8 +91,11 @@ async fn the_same_message_delivered_twice_changes_stock_once() {
     let service = processor_service::build(cfg, shutdown.clone()).await.unwrap();
     let ready = format!("http://127.0.0.1:{}/ready", service.port());
     let running = tokio::spawn(service.run_until_stopped());
-    eventually("processor-service is ready", Duration::from_secs(30), || async {
-        matches!(reqwest::get(&ready).await, Ok(r) if r.status().is_success())
+    // Ready (the database answers) and every consumer subscribed, so its
+    // queue is bound before anything is published.
+    eventually("processor-service is ready and consuming", Duration::from_secs(30), || async {
+        let Ok(r) = reqwest::get(&ready).await else { return false };
+        r.status().is_success() && r.json::<serde_json::Value>().await.is_ok_and(|b| b["broker"] == true)
     })
     .await;
 

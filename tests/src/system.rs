@@ -416,10 +416,13 @@ impl System {
         }
     }
 
+    /// Waits until the service is ready and every consumer is subscribed
+    /// (ready alone means the database answers).
     async fn wait_ready(&self, port: u16) {
         let url = format!("http://127.0.0.1:{port}/ready");
-        eventually(&format!("{url} answers 200"), DEADLINE, || async {
-            matches!(self.http.get(&url).send().await, Ok(r) if r.status() == StatusCode::OK)
+        eventually(&format!("{url} answers 200 with every consumer connected"), DEADLINE, || async {
+            let Ok(r) = self.http.get(&url).send().await else { return false };
+            r.status() == StatusCode::OK && r.json::<Value>().await.is_ok_and(|b| b["broker"] == true)
         })
         .await;
     }
