@@ -36,7 +36,7 @@ validate-infra: ## Validate the compose file, the Kubernetes manifests, Promethe
 fuzz: services build ## Fuzz both services' OpenAPI contracts with schemathesis (no 5xx, nothing outside the documented schema)
 	BIN=$(CARGO_TARGET_DIR)/debug infra/local/fuzz.sh
 
-lint: ## Formatting, clippy (warnings are errors), cargo doc, supply chain (cargo deny)
+lint: ## Formatting, clippy (warnings are errors), supply chain (cargo deny)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	infra/local/deny.sh
