@@ -27,7 +27,6 @@ use diesel::QueryableByName;
 use diesel::sql_types::BigInt;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
 use orderflow_broker::lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions,
@@ -60,29 +59,8 @@ fn event() -> Envelope {
 async fn raw_ceiling(broker: &TestBroker, envelopes: &[Envelope]) -> f64 {
     let (_conn, channel) = broker.channel().await;
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    let exchange = broker.topology.events_exchange();
-    let started = Instant::now();
-    let mut inflight: FuturesUnordered<orderflow_broker::lapin::PublisherConfirm> = FuturesUnordered::new();
-    for env in envelopes {
-        if inflight.len() >= WINDOW {
-            inflight.next().await.unwrap().unwrap();
-        }
-        let confirm = channel
-            .basic_publish(
-                exchange.as_str().into(),
-                env.event_type.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
-                &env.to_vec(),
-                properties_for(env),
-            )
-            .await
-            .unwrap();
-        inflight.push(confirm);
-    }
-    while let Some(c) = inflight.next().await {
-        assert!(c.unwrap().is_ack());
-    }
-    envelopes.len() as f64 / started.elapsed().as_secs_f64()
+    orderflow_testkit::broker::publish_with_confirms(&channel, &broker.topology.events_exchange(), envelopes, WINDOW)
+        .await
 }
 
 async fn append(pool: &Pool, events: &[Envelope]) {

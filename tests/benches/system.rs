@@ -41,12 +41,10 @@ use std::time::{Duration, Instant};
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::RunQueryDsl;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
-use orderflow_broker::lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use orderflow_broker::lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
 use orderflow_broker::lapin::types::FieldTable;
 use orderflow_broker::lapin::{Channel, Connection};
-use orderflow_broker::{QueueSpec, properties_for};
+use orderflow_broker::QueueSpec;
 use orderflow_db::Pool;
 use orderflow_e2e::consumer_specs;
 use orderflow_e2e::load::Report;
@@ -349,29 +347,13 @@ async fn raw_publish(broker: &TestBroker, messages: usize) -> f64 {
             Envelope::new(&e, 1, &Metadata::default()).unwrap()
         })
         .collect();
-    let exchange = broker.topology.events_exchange();
-    let started = Instant::now();
-    let mut inflight: FuturesUnordered<orderflow_broker::lapin::PublisherConfirm> = FuturesUnordered::new();
-    for env in &envelopes {
-        if inflight.len() >= WINDOW {
-            inflight.next().await.unwrap().unwrap();
-        }
-        let confirm = channel
-            .basic_publish(
-                exchange.as_str().into(),
-                env.event_type.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
-                &env.to_vec(),
-                properties_for(env),
-            )
-            .await
-            .unwrap();
-        inflight.push(confirm);
-    }
-    while let Some(c) = inflight.next().await {
-        assert!(c.unwrap().is_ack());
-    }
-    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    let rate = orderflow_testkit::broker::publish_with_confirms(
+        &channel,
+        &broker.topology.events_exchange(),
+        &envelopes,
+        WINDOW,
+    )
+    .await;
     channel.queue_purge(broker.topology.queue("ceiling").as_str().into(), Default::default()).await.unwrap();
     rate
 }

@@ -1,54 +1,19 @@
 //! The consumer runtime against real PostgreSQL and RabbitMQ.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
 use orderflow_broker::lapin::{BasicProperties, Channel};
 use orderflow_broker::{QueueSpec, header_i64, header_str, properties_for};
-use orderflow_consumer::{ConsumerConfig, Handler, HandlerError, Incoming, headers, run};
-use orderflow_db::Conn;
-use orderflow_envelope::events::{Event, PaymentDeclined};
-use orderflow_envelope::{Envelope, Metadata};
+use orderflow_consumer::{ConsumerConfig, headers, run};
+use orderflow_envelope::Envelope;
 use orderflow_testkit::{TestBroker, TestDb, eventually, eventually_some};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-const DEADLINE: Duration = Duration::from_secs(30);
+mod common;
 
-/// Behaves as the reason of a `payment.declined` says: `transient:N` fails
-/// transiently N times, `permanent` always fails, anything else succeeds.
-#[derive(Clone, Default)]
-struct Scripted {
-    calls: Arc<Mutex<HashMap<Uuid, u32>>>,
-}
-
-impl Scripted {
-    fn calls(&self, id: Uuid) -> u32 {
-        self.calls.lock().unwrap().get(&id).copied().unwrap_or(0)
-    }
-}
-
-impl Handler for Scripted {
-    async fn handle(&self, _conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
-        let Event::PaymentDeclined(ev) = msg.event else {
-            return Err(HandlerError::Permanent(format!("unexpected {}", msg.event.event_type())));
-        };
-        let n = {
-            let mut calls = self.calls.lock().unwrap();
-            let n = calls.entry(msg.envelope.message_id).or_default();
-            *n += 1;
-            *n
-        };
-        match ev.reason.split_once(':') {
-            Some(("transient", k)) if n <= k.parse().unwrap() => Err(HandlerError::Transient(format!("flaky #{n}"))),
-            _ if ev.reason == "permanent" => Err(HandlerError::Permanent("no way".into())),
-            _ => Ok(()),
-        }
-    }
-}
+use common::{DEADLINE, Scripted, declined};
 
 struct Fixture {
     db: TestDb,
@@ -126,14 +91,6 @@ impl Fixture {
     }
 }
 
-fn declined(reason: &str) -> Envelope {
-    Envelope::new(
-        &PaymentDeclined { order_id: Uuid::now_v7().to_string(), reason: reason.into() },
-        1,
-        &Metadata::default(),
-    )
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_delivered_twice_is_handled_once() {

@@ -1,4 +1,11 @@
+//! A test broker (its own topology prefix, queues deleted at the end) and
+//! the raw publish-with-confirms loop benchmarks measure ceilings with.
+
 use std::sync::Mutex;
+use std::time::Instant;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use orderflow_broker::lapin::options::BasicPublishOptions;
 use orderflow_broker::lapin::{Channel, Connection};
@@ -97,4 +104,33 @@ impl Drop for TestBroker {
             eprintln!("could not delete all of test topology {}: {e}", self.topology.prefix());
         }
     }
+}
+
+/// Publishes `envelopes` to `exchange` on `channel` (already in confirm
+/// mode), persistent and `mandatory`, with up to `window` confirms in flight,
+/// and returns the rate in messages per second: the broker's ceiling that
+/// benchmarks compare the relay and the pipeline with. Panics on a nack.
+pub async fn publish_with_confirms(channel: &Channel, exchange: &str, envelopes: &[Envelope], window: usize) -> f64 {
+    let started = Instant::now();
+    let mut inflight: FuturesUnordered<orderflow_broker::lapin::PublisherConfirm> = FuturesUnordered::new();
+    for env in envelopes {
+        if inflight.len() >= window {
+            inflight.next().await.expect("a confirm in flight").expect("confirm");
+        }
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                env.event_type.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &env.to_vec(),
+                properties_for(env),
+            )
+            .await
+            .expect("publish");
+        inflight.push(confirm);
+    }
+    while let Some(c) = inflight.next().await {
+        assert!(c.expect("confirm").is_ack(), "the broker nacked a message");
+    }
+    envelopes.len() as f64 / started.elapsed().as_secs_f64()
 }

@@ -13,7 +13,7 @@
 //! - [`eventually`]: wait for a condition with a deadline, never a fixed sleep.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod broker;
+pub mod broker;
 mod db;
 mod detect;
 mod proxy;
