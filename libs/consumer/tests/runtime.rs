@@ -91,7 +91,6 @@ impl Fixture {
     }
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_delivered_twice_is_handled_once() {
     let f = Fixture::start().await;
