@@ -63,6 +63,7 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
         };
         let mut consumer_cfg = cfg.consumer.config(consumer, bindings);
         consumer_cfg.waker = waker.clone();
+        orderflow_consumer::prepare_at_start(&consumer_cfg).await.map_err(|e| StartupError::Other(e.to_string()))?;
         let token = shutdown.child_token();
         if !cfg.stages.contains(&stage) {
             tasks.push(tokio::spawn(async move { orderflow_consumer::declare(&consumer_cfg, &token).await }));

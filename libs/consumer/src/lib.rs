@@ -64,4 +64,4 @@ mod runtime;
 pub use args::ConsumerArgs;
 pub use error::ConsumerError;
 pub use handler::{Handler, HandlerError, Incoming};
-pub use runtime::{ConsumerConfig, declare, headers, prepare, run};
+pub use runtime::{ConsumerConfig, declare, headers, prepare, prepare_at_start, run};

@@ -204,6 +204,25 @@ pub async fn prepare(cfg: &ConsumerConfig) -> Result<(), ConsumerError> {
     Ok(())
 }
 
+/// [`prepare`] for a service's start: only a configuration the broker
+/// refuses is an error (the service should stop, with that one line). An
+/// unreachable broker, or one that does not answer within 5 s, is logged
+/// and let be: intake goes on and the consumer connects when it can.
+pub async fn prepare_at_start(cfg: &ConsumerConfig) -> Result<(), ConsumerError> {
+    match tokio::time::timeout(Duration::from_secs(5), prepare(cfg)).await {
+        Ok(Err(e)) if e.is_configuration() => Err(e),
+        Ok(Err(e)) => {
+            warn!(consumer = %cfg.spec.consumer, error = %e, "broker not reachable at start; the consumer connects when it is");
+            Ok(())
+        }
+        Ok(Ok(())) => Ok(()),
+        Err(_) => {
+            warn!(consumer = %cfg.spec.consumer, "broker silent at start; the consumer connects when it answers");
+            Ok(())
+        }
+    }
+}
+
 /// Declares the consumer's queues (and the exchange) without consuming,
 /// retrying until the broker answers or `shutdown`. A stage that does not run
 /// in this process still gets its queue, so its messages wait for it. A
