@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write;
 
 use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Integer, Nullable, Text, Uuid as SqlUuid};
+use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
 use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use orderflow_broker::lapin::types::FieldTable;
@@ -26,7 +26,7 @@ use orderflow_db::Pool;
 use orderflow_envelope::Envelope;
 use uuid::Uuid;
 
-use crate::{Db, PROBE, System, consumer_specs, count};
+use crate::{Db, PROBE, System, UNROUTABLE_EVENT, consumer_specs, count};
 
 /// One invariant and whether it held.
 #[derive(Debug, Clone)]
@@ -80,6 +80,9 @@ pub struct Expectations {
     pub accepted: Vec<String>,
     /// Stock on hand per SKU when the run started.
     pub initial_stock: HashMap<String, i64>,
+    /// Message ids of events of a type no queue is bound to
+    /// ([`UNROUTABLE_EVENT`]), written to the orders outbox during the run.
+    pub unroutable: Vec<Uuid>,
 }
 
 /// An order as order-service stored it.
@@ -142,6 +145,14 @@ struct Id {
     id: Uuid,
 }
 
+#[derive(QueryableByName)]
+struct Parked {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = Bool)]
+    dead: bool,
+}
+
 /// The first copy of a published event, in the order the probe queue got it.
 #[derive(Debug, Clone)]
 pub struct Published {
@@ -178,6 +189,9 @@ pub struct History {
     pub published: Option<Vec<Published>>,
     /// Copies dropped as republished duplicates.
     pub republished: usize,
+    /// Rows of [`UNROUTABLE_EVENT`] still in the orders outbox: message id,
+    /// and whether the row is dead. A missing row was deleted as published.
+    pub unroutable_rows: HashMap<Uuid, bool>,
 }
 
 async fn load<T: QueryableByName<diesel::pg::Pg> + Send + 'static>(pool: &Pool, sql: &str) -> Vec<T> {
@@ -210,7 +224,15 @@ pub async fn collect(sys: &System, exp: &Expectations) -> History {
     for (name, pool) in [("orders", orders_db), ("processor", processor_db)] {
         let unpublished =
             count(pool, "SELECT count(*) AS n FROM outbox WHERE published_at IS NULL AND dead_at IS NULL").await;
-        let dead = count(pool, "SELECT count(*) AS n FROM outbox WHERE dead_at IS NOT NULL").await;
+        // Rows of an event no queue is bound to are meant to die: judged
+        // on their own below.
+        let dead = count(
+            pool,
+            &format!(
+                "SELECT count(*) AS n FROM outbox WHERE dead_at IS NOT NULL AND event_type <> '{UNROUTABLE_EVENT}'"
+            ),
+        )
+        .await;
         if unpublished > 0 {
             parked.push(format!("{unpublished} unpublished rows in the {name} outbox"));
         }
@@ -269,6 +291,16 @@ pub async fn collect(sys: &System, exp: &Expectations) -> History {
             .collect(),
         published,
         republished,
+        unroutable_rows: load::<Parked>(
+            orders_db,
+            &format!(
+                "SELECT message_id AS id, dead_at IS NOT NULL AS dead FROM outbox WHERE event_type = '{UNROUTABLE_EVENT}'"
+            ),
+        )
+        .await
+        .into_iter()
+        .map(|r| (r.id, r.dead))
+        .collect(),
     }
 }
 
@@ -409,6 +441,27 @@ pub fn judge(h: &History) -> Verdict {
         let (problems, detail) = in_written_order(published, h.republished);
         v.add("every aggregate's events in written order, every version once", problems, detail);
     }
+
+    // An event no queue is bound to is parked dead where it was written,
+    // never marked published (a return credited to another row would
+    // delete it as published: lost without a trace).
+    let published_ids: HashSet<Uuid> = h.published.iter().flatten().map(|p| p.message_id).collect();
+    let mut unparked = Vec::new();
+    for id in &exp.unroutable {
+        match h.unroutable_rows.get(id) {
+            None => unparked.push(format!("{id}: row gone, marked published although no queue is bound")),
+            Some(false) => unparked.push(format!("{id}: not parked dead")),
+            Some(true) => {}
+        }
+        if published_ids.contains(id) {
+            unparked.push(format!("{id}: reached the probe"));
+        }
+    }
+    v.add(
+        "every unroutable event parked dead, never published",
+        unparked,
+        format!("{} unroutable events, all dead in the outbox", exp.unroutable.len()),
+    );
     v
 }
 
@@ -500,10 +553,12 @@ mod self_test {
     /// cancelled after payment (stock released, payment refunded).
     fn clean() -> History {
         let created: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+        let unroutable = Uuid::now_v7();
         History {
             expectations: Expectations {
                 accepted: vec!["a".into(), "b".into(), "c".into()],
                 initial_stock: [("SKU-1".to_owned(), 10)].into(),
+                unroutable: vec![unroutable],
             },
             orders: vec![
                 order("a", "confirmed", Some("OF1")),
@@ -554,6 +609,7 @@ mod self_test {
                 event("payment", "c", 2, "payment.refunded"),
             ]),
             republished: 0,
+            unroutable_rows: [(unroutable, true)].into(),
         }
     }
 
@@ -565,7 +621,7 @@ mod self_test {
     fn a_clean_history_holds_every_invariant() {
         let verdict = judge(&clean());
         assert!(verdict.all_held(), "{}", verdict.render());
-        assert_eq!(verdict.checks.len(), 7);
+        assert_eq!(verdict.checks.len(), 8);
     }
 
     #[test]
@@ -615,6 +671,14 @@ mod self_test {
             ("every aggregate's events in written order, every version once", |h| {
                 if let Some(p) = h.published.as_mut() {
                     p.retain(|e| e.event_type != "inventory.reserved" || e.aggregate_id != "c");
+                }
+            }),
+            // An unroutable row deleted as if it had been published.
+            ("every unroutable event parked dead, never published", |h| h.unroutable_rows.clear()),
+            // An unroutable row left neither published nor dead.
+            ("every unroutable event parked dead, never published", |h| {
+                for dead in h.unroutable_rows.values_mut() {
+                    *dead = false;
                 }
             }),
             // The same version twice under two message ids (written twice).

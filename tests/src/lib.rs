@@ -26,7 +26,9 @@ pub mod load;
 pub mod storm;
 mod system;
 mod webhook;
-pub use system::{Db, PROBE, Part, RelayHandle, Running, System, bin, consumer_specs};
+pub use system::{
+    Db, PROBE, PROBE_BINDINGS, Part, RelayHandle, Running, System, UNROUTABLE_EVENT, bin, consumer_specs,
+};
 pub use webhook::WebhookSink;
 
 /// Generous: 2 shared cores can be slow; passing tests return early.
@@ -82,6 +84,10 @@ pub struct Options {
     pub service_env: Vec<(String, String)>,
     /// Relay processes serve /metrics on a port of their own.
     pub relay_metrics: bool,
+    /// Each relay reaches the broker through a fault proxy of its own
+    /// ([`RelayHandle::broker_proxy`]), behind the shared one if there is
+    /// one: one relay can be cut off from the broker alone.
+    pub relay_broker_proxies: bool,
 }
 
 impl Default for Options {
@@ -104,6 +110,7 @@ impl Default for Options {
             keep_published: false,
             service_env: vec![],
             relay_metrics: false,
+            relay_broker_proxies: false,
         }
     }
 }

@@ -88,6 +88,8 @@ pub struct RelayHandle {
     pub id: String,
     /// Port of its /metrics (processes with `relay_metrics`).
     pub metrics_port: Option<u16>,
+    /// Its own way to the broker (with `relay_broker_proxies`).
+    pub broker_proxy: Option<FaultProxy>,
     running: Running,
 }
 
@@ -191,8 +193,13 @@ pub fn consumer_specs() -> Vec<QueueSpec> {
     .collect()
 }
 
-/// The probe: a queue bound to every event the relays publish.
+/// The probe: a queue bound to every event of the catalog the relays publish.
 pub const PROBE: &str = "probe";
+/// What the probe is bound to: every event of the catalog, and nothing else,
+/// so that an event of another type ([`UNROUTABLE_EVENT`]) stays unroutable.
+pub const PROBE_BINDINGS: &[&str] = &["order.#", "inventory.#", "payment.#", "shipment.#"];
+/// An event type no queue is bound to: the relays must park its rows dead.
+pub const UNROUTABLE_EVENT: &str = "chaos.unrouted";
 
 impl System {
     /// Starts both services and the relays, and waits until they are ready.
@@ -226,7 +233,7 @@ impl System {
         if system.opts.probe {
             let probe = QueueSpec {
                 consumer: PROBE.into(),
-                bindings: vec!["#".into()],
+                bindings: PROBE_BINDINGS.iter().map(|b| (*b).to_owned()).collect(),
                 retry_delays: vec![],
                 delivery_limit: 1000,
             };
@@ -433,14 +440,22 @@ impl System {
         self.start_relay_with(db, self.opts.relays_as_processes, &env).await;
     }
 
-    fn relay_args(&self, db: Db, id: &str, metrics_port: Option<u16>) -> Vec<String> {
+    /// The broker URL of a relay: through its own proxy if it has one.
+    fn relay_amqp_url(&self, proxy: Option<&FaultProxy>) -> String {
+        match proxy {
+            Some(p) => p.url_through(&self.amqp_url()),
+            None => self.amqp_url(),
+        }
+    }
+
+    fn relay_args(&self, db: Db, id: &str, metrics_port: Option<u16>, proxy: Option<&FaultProxy>) -> Vec<String> {
         let metrics = metrics_port.map_or_else(|| "off".to_owned(), |p| format!("127.0.0.1:{p}"));
         [
             "run",
             "--database-url",
             &self.db_url(db),
             "--amqp-url",
-            &self.amqp_url(),
+            &self.relay_amqp_url(proxy),
             "--topology-prefix",
             self.relay_topology().prefix(),
             "--relay-id",
@@ -466,10 +481,13 @@ impl System {
         self.next_relay += 1;
         let id = format!("{}-{}", if db == Db::Orders { "orders" } else { "processor" }, self.next_relay);
         let metrics_port = (process && self.opts.relay_metrics).then(free_port);
+        let broker_proxy =
+            if self.opts.relay_broker_proxies { Some(FaultProxy::for_url(&self.amqp_url()).await) } else { None };
         let running = if process {
-            spawn(&bin("e2e-outbox-relay"), &self.relay_args(db, &id, metrics_port), env)
+            spawn(&bin("e2e-outbox-relay"), &self.relay_args(db, &id, metrics_port, broker_proxy.as_ref()), env)
         } else {
-            let mut cfg = RelayConfig::new(self.db_url(db), self.amqp_url(), self.relay_topology());
+            let amqp_url = self.relay_amqp_url(broker_proxy.as_ref());
+            let mut cfg = RelayConfig::new(self.db_url(db), amqp_url, self.relay_topology());
             cfg.relay_id = id.clone();
             cfg.poll_interval = Duration::from_millis(200);
             cfg.retry_base = Duration::from_millis(100);
@@ -481,7 +499,7 @@ impl System {
             let handle = tokio::spawn(relay::run(cfg, token.clone()));
             Running::Task { token, handle }
         };
-        self.relays.push(RelayHandle { db, id, metrics_port, running });
+        self.relays.push(RelayHandle { db, id, metrics_port, broker_proxy, running });
     }
 
     /// Removes and returns relay `i` (to kill it or wait for it).
@@ -534,8 +552,9 @@ impl System {
                 self.start_processor().await;
             }
             Part::Relay(i) => {
-                let (db, id, port) = (self.relays[i].db, self.relays[i].id.clone(), self.relays[i].metrics_port);
-                let running = spawn(&bin("e2e-outbox-relay"), &self.relay_args(db, &id, port), &self.opts.relay_env);
+                let relay = &self.relays[i];
+                let args = self.relay_args(relay.db, &relay.id, relay.metrics_port, relay.broker_proxy.as_ref());
+                let running = spawn(&bin("e2e-outbox-relay"), &args, &self.opts.relay_env);
                 let old = std::mem::replace(&mut self.relays[i].running, running);
                 old.stop().await;
             }
