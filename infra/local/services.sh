@@ -55,6 +55,22 @@ ensure() {
     $(pg_start_cmd) || true
     wait_for PostgreSQL "$PG_HOST" "$PG_PORT"
   fi
+  # A broker started with the default 1024 descriptors (as a boot script
+  # starts it) runs out of file handles once a few hundred quorum queues
+  # exist: it still accepts TCP connections but never answers the AMQP
+  # handshake. Restart such a broker, and a wedged one, with more.
+  if listening "$AMQP_HOST" "$AMQP_PORT"; then
+    local beam limit
+    beam=$(pgrep -f beam.smp | head -n 1 || true)
+    limit=$( [[ -n "$beam" && -r /proc/$beam/limits ]] && awk '/Max open files/ {print $4}' "/proc/$beam/limits" || echo unknown)
+    if ! amqp_answers; then
+      echo "RabbitMQ accepts connections but does not answer the AMQP handshake: restarting it" >&2
+      stop_rabbitmq
+    elif [[ "$limit" =~ ^[0-9]+$ && "$limit" -lt 4096 && "$(ulimit -Hn)" -ge 4096 && $(id -u) -eq 0 ]]; then
+      echo "RabbitMQ runs with $limit file descriptors (too few for the tests' quorum queues): restarting it with $(ulimit -Hn)" >&2
+      stop_rabbitmq
+    fi
+  fi
   if ! listening "$AMQP_HOST" "$AMQP_PORT"; then
     command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
     echo "starting RabbitMQ"
@@ -69,7 +85,19 @@ ensure() {
     fi
     wait_for RabbitMQ "$AMQP_HOST" "$AMQP_PORT"
     rabbitmqctl await_startup >/dev/null 2>&1 || true
+    for _ in $(seq 1 60); do amqp_answers && break; sleep 1; done
   fi
+}
+
+# True when the broker answers the AMQP protocol header within 5 s.
+amqp_answers() {
+  timeout 5 bash -c "exec 3<>/dev/tcp/$AMQP_HOST/$AMQP_PORT && printf 'AMQP\\x00\\x00\\x09\\x01' >&3 && head -c 1 <&3 >/dev/null" 2>/dev/null
+}
+
+stop_rabbitmq() {
+  timeout 60 rabbitmqctl stop >/dev/null 2>&1 || pkill -9 -f beam.smp || true
+  for _ in $(seq 1 60); do listening "$AMQP_HOST" "$AMQP_PORT" || return 0; sleep 1; done
+  pkill -9 -f beam.smp || true
 }
 
 ensure_pgbench() {

@@ -20,6 +20,8 @@ pub struct AppState {
     pub pool: Pool,
     /// Wakes the relay after an order's events are committed.
     pub waker: orderflow_outbox::Waker,
+    /// Writes new orders, many per transaction under load.
+    pub intake: crate::intake::Intake,
     /// Bounds on orders.
     pub limits: Limits,
     /// Maximum request body size, bytes.
@@ -139,17 +141,9 @@ pub async fn create_order(
     let body: CreateOrder = json_body(&req, payload, state.max_body_bytes).await?;
     let new = validate(body, &state.limits).map_err(Problem::validation)?;
     let meta = correlation(&req);
-    let mut pooled = state.pool.get().await?;
-    let conn: &mut Conn = &mut pooled;
-    let created =
-        conn.transaction::<_, diesel::result::Error, _>(async |tx| store::create(tx, &new, &meta).await).await?;
-    let order = match created {
-        Created::New(o) => {
-            state.waker.wake();
-            tracing::info!(order_id = %o.row.id, total = o.row.total_amount, "order accepted");
-            o
-        }
-        Created::Existing(o) => o,
+    // Answered after the commit (the intake wakes the relay and logs it).
+    let order = match state.intake.create(new, meta).await? {
+        Created::New(o) | Created::Existing(o) => o,
         Created::Conflict(o) => {
             return Err(Problem::conflict(format!(
                 "order {} already exists with a different body; use a new order_id",

@@ -37,9 +37,16 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
     let readiness = Readiness::new(pool.clone(), vec![(outcomes::CONSUMER.to_owned(), consumer_cfg.connected.clone())]);
     let consumer = tokio::spawn(orderflow_consumer::run(consumer_cfg, pool.clone(), Outcomes, shutdown.child_token()));
 
+    let intake = crate::intake::Intake::start(
+        pool.clone(),
+        waker.clone(),
+        usize::from(cfg.intake_writers),
+        usize::from(cfg.intake_batch_max),
+    );
     let state = AppState {
         pool,
         waker,
+        intake,
         limits: Limits { max_items: usize::from(cfg.max_items), ..Limits::default() },
         max_body_bytes: cfg.max_body_bytes as usize,
     };

@@ -28,6 +28,13 @@ pub struct Config {
     /// Maximum request body size in bytes.
     #[arg(long, env = "ORDER_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
     pub max_body_bytes: u32,
+    /// Tasks writing new orders (each takes a pool connection while it writes).
+    #[arg(long, env = "ORDER_INTAKE_WRITERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub intake_writers: u16,
+    /// Most orders written in one transaction: requests that arrive while a write is in
+    /// progress share the next commit (1 writes every order alone).
+    #[arg(long, env = "ORDER_INTAKE_BATCH_MAX", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub intake_batch_max: u16,
     /// Broker and consumer options.
     #[command(flatten)]
     pub consumer: ConsumerArgs,

@@ -9,6 +9,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod domain;
+pub mod intake;
 pub mod outcomes;
 pub mod schema;
 pub mod store;

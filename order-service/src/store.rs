@@ -83,71 +83,126 @@ pub enum Created {
     Conflict(Order),
 }
 
-/// Stores a new order, its lines, its timeline entry and `order.created`,
-/// in the caller's transaction. A concurrent or repeated POST with the same
-/// id waits on the primary key and then finds the stored order.
-pub async fn create(conn: &mut Conn, new: &NewOrder, meta: &Metadata) -> QueryResult<Created> {
-    // RETURNING: the stored row comes back with the insert, no second read.
-    let inserted: Option<OrderRow> = diesel::insert_into(orders::table)
-        .values((
-            orders::id.eq(&new.id),
-            orders::customer_id.eq(&new.customer_id),
-            orders::status.eq(OrderStatus::Pending.as_str()),
-            orders::total_amount.eq(new.total_amount.minor()),
-            orders::force_fail.eq(new.force_fail),
-            orders::request_hash.eq(&new.request_hash),
-        ))
+/// Stores new orders, their lines, their timeline entries and their
+/// `order.created` events, in the caller's transaction, with one statement
+/// per table whatever the number of orders (the intake writes a whole
+/// batch of requests this way: see [`crate::intake`]). Returns one
+/// [`Created`] per order, in the order given.
+///
+/// An id posted before (or earlier in the same batch) is not written again:
+/// the stored order comes back as [`Created::Existing`] when the body is the
+/// same, [`Created::Conflict`] when it differs. A concurrent POST with the
+/// same id waits on the primary key and then finds the stored order.
+pub async fn create_many(conn: &mut Conn, new: &[(&NewOrder, &Metadata)]) -> QueryResult<Vec<Created>> {
+    // One row per id (the first posted); later copies are answered from it.
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    for (i, (order, _)) in new.iter().enumerate() {
+        first.entry(order.id.as_str()).or_insert(i);
+    }
+    // Ids in one order in every batch: two batches that share ids wait for
+    // each other instead of deadlocking.
+    let mut unique: Vec<&NewOrder> = first.values().map(|i| new[*i].0).collect();
+    unique.sort_by(|a, b| a.id.cmp(&b.id));
+    let rows: Vec<_> = unique
+        .iter()
+        .map(|o| {
+            (
+                orders::id.eq(&o.id),
+                orders::customer_id.eq(&o.customer_id),
+                orders::status.eq(OrderStatus::Pending.as_str()),
+                orders::total_amount.eq(o.total_amount.minor()),
+                orders::force_fail.eq(o.force_fail),
+                orders::request_hash.eq(&o.request_hash),
+            )
+        })
+        .collect();
+    // RETURNING: the stored rows come back with the insert, no second read.
+    let inserted: Vec<OrderRow> = diesel::insert_into(orders::table)
+        .values(&rows)
         .on_conflict(orders::id)
         .do_nothing()
         .returning(OrderRow::as_returning())
-        .get_result(conn)
-        .await
-        .optional()?;
-    let Some(row) = inserted else {
-        let existing = get(conn, &new.id).await?.ok_or(diesel::result::Error::NotFound)?;
-        return Ok(if existing.row.request_hash == new.request_hash {
+        .get_results(conn)
+        .await?;
+    let mut stored: HashMap<String, OrderRow> = inserted.into_iter().map(|r| (r.id.clone(), r)).collect();
+    let fresh: Vec<usize> = (0..new.len())
+        .filter(|i| first.get(new[*i].0.id.as_str()) == Some(i) && stored.contains_key(&new[*i].0.id))
+        .collect();
+
+    let lines: Vec<_> = fresh
+        .iter()
+        .flat_map(|i| {
+            let order = new[*i].0;
+            order.items.iter().enumerate().map(move |(n, item)| {
+                (
+                    order_items::order_id.eq(&order.id),
+                    order_items::line_no.eq(n as i32),
+                    order_items::sku.eq(&item.sku),
+                    order_items::quantity.eq(item.quantity),
+                    order_items::unit_price.eq(item.unit_price.minor()),
+                )
+            })
+        })
+        .collect();
+    if !lines.is_empty() {
+        diesel::insert_into(order_items::table).values(&lines).execute(conn).await?;
+    }
+    let mut events = Vec::with_capacity(fresh.len());
+    for i in &fresh {
+        let (order, meta) = new[*i];
+        let event = orderflow_envelope::events::OrderCreated {
+            order_id: order.id.clone(),
+            customer_id: order.customer_id.clone(),
+            items: order.items.clone(),
+            total_amount: order.total_amount,
+            force_fail: order.force_fail,
+        };
+        events
+            .push(Envelope::new(&event, 1, meta).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?);
+    }
+    orderflow_outbox::append(conn, &events).await?;
+    record_all(conn, &events).await?;
+    metrics::counter!("orders_created_total").increment(fresh.len() as u64);
+
+    let mut out = Vec::with_capacity(new.len());
+    for (i, (order, _)) in new.iter().enumerate() {
+        if fresh.contains(&i) {
+            let row = stored.get(&order.id).cloned().ok_or(diesel::result::Error::NotFound)?;
+            out.push(Created::New(Order { row, items: item_rows(order) }));
+            continue;
+        }
+        // Posted before, or earlier in this batch.
+        let existing = match stored.get(&order.id) {
+            Some(row) => Order { row: row.clone(), items: item_rows(new[first[order.id.as_str()]].0) },
+            None => {
+                let found = get(conn, &order.id).await?.ok_or(diesel::result::Error::NotFound)?;
+                stored.insert(order.id.clone(), found.row.clone());
+                found
+            }
+        };
+        out.push(if existing.row.request_hash == order.request_hash {
             Created::Existing(existing)
         } else {
             Created::Conflict(existing)
         });
-    };
-    let lines: Vec<_> = new
-        .items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            (
-                order_items::order_id.eq(&new.id),
-                order_items::line_no.eq(i as i32),
-                order_items::sku.eq(&item.sku),
-                order_items::quantity.eq(item.quantity),
-                order_items::unit_price.eq(item.unit_price.minor()),
-            )
-        })
-        .collect();
-    diesel::insert_into(order_items::table).values(&lines).execute(conn).await?;
-    let event = orderflow_envelope::events::OrderCreated {
-        order_id: new.id.clone(),
-        customer_id: new.customer_id.clone(),
-        items: new.items.clone(),
-        total_amount: new.total_amount,
-        force_fail: new.force_fail,
-    };
-    emit(conn, &event, 1, meta).await?;
-    metrics::counter!("orders_created_total").increment(1);
-    let items = new
+    }
+    Ok(out)
+}
+
+/// The stored lines of a new order, as written.
+fn item_rows(order: &NewOrder) -> Vec<ItemRow> {
+    order
         .items
         .iter()
         .enumerate()
         .map(|(i, item)| ItemRow {
-            order_id: new.id.clone(),
+            order_id: order.id.clone(),
             line_no: i as i32,
             sku: item.sku.clone(),
             quantity: item.quantity,
             unit_price: item.unit_price.minor(),
         })
-        .collect();
-    Ok(Created::New(Order { row, items }))
+        .collect()
 }
 
 /// Appends `event` (about the order at `version`) to the outbox and to the
@@ -160,19 +215,33 @@ pub async fn emit<E: DomainEvent>(conn: &mut Conn, event: &E, version: i64, meta
 
 /// Adds an event to its order's timeline (once per message id).
 pub async fn record(conn: &mut Conn, env: &Envelope) -> QueryResult<()> {
-    let order_id = env.aggregate_id.as_str();
-    let mut details = env.payload.clone();
-    if let Some(obj) = details.as_object_mut() {
-        obj.remove("order_id");
+    record_all(conn, std::slice::from_ref(env)).await
+}
+
+/// Adds events to their orders' timelines (each once per message id), in
+/// one statement.
+pub async fn record_all(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
+    if events.is_empty() {
+        return Ok(());
     }
+    let rows: Vec<_> = events
+        .iter()
+        .map(|env| {
+            let mut details = env.payload.clone();
+            if let Some(obj) = details.as_object_mut() {
+                obj.remove("order_id");
+            }
+            (
+                order_timeline::order_id.eq(env.aggregate_id.as_str()),
+                order_timeline::event_type.eq(env.event_type.as_str()),
+                order_timeline::message_id.eq(env.message_id),
+                order_timeline::occurred_at.eq(env.occurred_at),
+                order_timeline::details.eq(details),
+            )
+        })
+        .collect();
     diesel::insert_into(order_timeline::table)
-        .values((
-            order_timeline::order_id.eq(order_id),
-            order_timeline::event_type.eq(&env.event_type),
-            order_timeline::message_id.eq(env.message_id),
-            order_timeline::occurred_at.eq(env.occurred_at),
-            order_timeline::details.eq(details),
-        ))
+        .values(&rows)
         .on_conflict(order_timeline::message_id)
         .do_nothing()
         .execute(conn)

@@ -30,6 +30,21 @@ impl Handler for Inventory {
             other => Err(HandlerError::Permanent(format!("inventory does not consume {}", other.event_type()))),
         }
     }
+
+    /// Locks every product the batch reserves or gives back, in SKU order.
+    async fn prepare(&self, conn: &mut Conn, batch: &[&Event]) -> diesel::QueryResult<()> {
+        let mut skus = Vec::new();
+        let mut orders = Vec::new();
+        for event in batch {
+            match event {
+                Event::OrderCreated(e) => skus.extend(e.items.iter().map(|i| i.sku.as_str())),
+                Event::PaymentDeclined(e) => orders.push(e.order_id.as_str()),
+                Event::OrderCancelled(e) => orders.push(e.order_id.as_str()),
+                _ => {}
+            }
+        }
+        store::lock_products_for(conn, &skus, &orders).await
+    }
 }
 
 async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(), HandlerError> {

@@ -24,11 +24,24 @@ impl Handler for Shipping {
             other => Err(HandlerError::Permanent(format!("shipping does not consume {}", other.event_type()))),
         }
     }
+
+    /// Locks every product the batch ships, in SKU order.
+    async fn prepare(&self, conn: &mut Conn, batch: &[&Event]) -> diesel::QueryResult<()> {
+        let orders: Vec<&str> = batch
+            .iter()
+            .filter_map(|e| match e {
+                Event::PaymentAuthorized(e) => Some(e.order_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        store::lock_products_for(conn, &[], &orders).await
+    }
 }
 
 async fn ship(conn: &mut Conn, e: &PaymentAuthorized, meta: &Metadata) -> Result<(), HandlerError> {
-    // Lock order (reservation, payment, shipment, products) is the same in
-    // every stage, so a cancel racing this handler waits, never deadlocks.
+    // Lock order (products, taken for the whole batch by `prepare`, then
+    // reservation, payment, shipment) is the same in every stage, so a
+    // cancel racing this handler waits, never deadlocks.
     let Some(reservation) = store::lock_reservation(conn, &e.order_id).await? else {
         return Err(HandlerError::Permanent(format!("order {} was paid but never reserved", e.order_id)));
     };

@@ -67,6 +67,26 @@ pub async fn lock_products(conn: &mut Conn, skus: &[&str]) -> QueryResult<HashMa
     Ok(rows.into_iter().map(|p| (p.sku.clone(), p)).collect())
 }
 
+/// Locks, in SKU order, the products of `skus` and those reserved for
+/// `orders`: what a batch of messages will move, taken at once before any
+/// of them is handled (see `orderflow_consumer::Handler::prepare`), so that
+/// two batches never each hold a product the other one needs.
+pub async fn lock_products_for(conn: &mut Conn, skus: &[&str], orders: &[&str]) -> QueryResult<()> {
+    use diesel::sql_types::{Array, Text};
+    diesel::sql_query(
+        "SELECT 1 FROM products \
+         WHERE sku = ANY($1) \
+            OR sku IN (SELECT line->>'sku' FROM reservations, jsonb_array_elements(items) AS line \
+                       WHERE order_id = ANY($2)) \
+         ORDER BY sku FOR UPDATE",
+    )
+    .bind::<Array<Text>, _>(skus)
+    .bind::<Array<Text>, _>(orders)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Moves the units of `items`, each guarded by a conditional update so no
 /// bucket can go negative. Returns the SKU whose source bucket was short,
 /// if any (the caller rolls back).

@@ -104,4 +104,16 @@ impl HandlerError {
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message inside the open transaction `conn`.
     fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Runs once per batch transaction, before any of its messages is
+    /// handled, with all of them. A handler whose messages lock rows that
+    /// other messages share (stock rows) locks them all here, in one global
+    /// order: concurrent batches then queue behind each other instead of
+    /// deadlocking (each deadlock costs PostgreSQL's `deadlock_timeout`, a
+    /// second by default, and a retry). It runs in a savepoint of its own:
+    /// if it fails, the batch goes on without it. The default does nothing.
+    fn prepare(&self, conn: &mut Conn, batch: &[&Event]) -> impl Future<Output = diesel::QueryResult<()>> + Send {
+        let _ = (conn, batch);
+        async { Ok(()) }
+    }
 }

@@ -651,6 +651,16 @@ async fn run_chunk<H: Handler>(
     let committed = conn
         .transaction::<_, Abort, _>(async |tx| {
             tx.batch_execute(&settings).await?;
+            let events: Vec<&Event> = chunk.iter().filter_map(|&i| items[i].message.as_ref().map(|(_, e)| e)).collect();
+            // Even for one message: the rows it locks are then always taken
+            // in the same order (shared rows first), batch or not.
+            let prepared =
+                tx.transaction::<(), diesel::result::Error, _>(async |sp| ctx.handler.prepare(sp, &events).await).await;
+            match prepared {
+                Err(e) if classify(&e) == ErrorClass::Connection => return Err(Abort(e)),
+                Err(e) => debug!(consumer, error = %e, "batch preparation failed; handling without it"),
+                Ok(()) => {}
+            }
             let mut results = Vec::with_capacity(chunk.len());
             for &i in chunk {
                 let item = &items[i];
