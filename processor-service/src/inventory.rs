@@ -31,8 +31,10 @@ impl Handler for Inventory {
         }
     }
 
-    /// Locks every product the batch reserves or gives back, in SKU order.
-    async fn prepare(&self, conn: &mut Conn, batch: &[&Event]) -> diesel::QueryResult<()> {
+    /// Takes, without waiting, the products the batch reserves or gives
+    /// back; a message whose products another batch holds waits for a later
+    /// transaction.
+    async fn prepare(&self, conn: &mut Conn, batch: &[&Event]) -> diesel::QueryResult<Vec<bool>> {
         let mut skus = Vec::new();
         let mut orders = Vec::new();
         for event in batch {
@@ -43,7 +45,16 @@ impl Handler for Inventory {
                 _ => {}
             }
         }
-        store::lock_products_for(conn, &skus, &orders).await
+        let taken = store::try_lock_products(conn, &skus, &orders).await?;
+        Ok(batch
+            .iter()
+            .map(|event| match event {
+                Event::OrderCreated(e) => taken.has_all(e.items.iter().map(|i| i.sku.as_str())),
+                Event::PaymentDeclined(e) => taken.has_reserved(&e.order_id),
+                Event::OrderCancelled(e) => taken.has_reserved(&e.order_id),
+                _ => true,
+            })
+            .collect())
     }
 }
 

@@ -25,8 +25,9 @@ impl Handler for Shipping {
         }
     }
 
-    /// Locks every product the batch ships, in SKU order.
-    async fn prepare(&self, conn: &mut Conn, batch: &[&Event]) -> diesel::QueryResult<()> {
+    /// Takes, without waiting, the products the batch ships; a message
+    /// whose products another batch holds waits for a later transaction.
+    async fn prepare(&self, conn: &mut Conn, batch: &[&Event]) -> diesel::QueryResult<Vec<bool>> {
         let orders: Vec<&str> = batch
             .iter()
             .filter_map(|e| match e {
@@ -34,14 +35,21 @@ impl Handler for Shipping {
                 _ => None,
             })
             .collect();
-        store::lock_products_for(conn, &[], &orders).await
+        let taken = store::try_lock_products(conn, &[], &orders).await?;
+        Ok(batch
+            .iter()
+            .map(|event| match event {
+                Event::PaymentAuthorized(e) => taken.has_reserved(&e.order_id),
+                _ => true,
+            })
+            .collect())
     }
 }
 
 async fn ship(conn: &mut Conn, e: &PaymentAuthorized, meta: &Metadata) -> Result<(), HandlerError> {
-    // Lock order (products, taken for the whole batch by `prepare`, then
-    // reservation, payment, shipment) is the same in every stage, so a
-    // cancel racing this handler waits, never deadlocks.
+    // Lock order (products, taken for the batch by `prepare` without
+    // waiting, then reservation, payment, shipment) is the same in every
+    // stage, so a cancel racing this handler waits, never deadlocks.
     let Some(reservation) = store::lock_reservation(conn, &e.order_id).await? else {
         return Err(HandlerError::Permanent(format!("order {} was paid but never reserved", e.order_id)));
     };

@@ -2,7 +2,7 @@
 // Row structs mirror the columns documented in `migrations/`.
 #![allow(missing_docs)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -67,24 +67,80 @@ pub async fn lock_products(conn: &mut Conn, skus: &[&str]) -> QueryResult<HashMa
     Ok(rows.into_iter().map(|p| (p.sku.clone(), p)).collect())
 }
 
-/// Locks, in SKU order, the products of `skus` and those reserved for
-/// `orders`: what a batch of messages will move, taken at once before any
-/// of them is handled (see `orderflow_consumer::Handler::prepare`), so that
-/// two batches never each hold a product the other one needs.
-pub async fn lock_products_for(conn: &mut Conn, skus: &[&str], orders: &[&str]) -> QueryResult<()> {
+/// Products a batch of messages needs, as [`try_lock_products`] found them.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// SKUs that exist but another transaction holds.
+    pub busy: HashSet<String>,
+    /// The reserved SKUs of each order asked about (orders without a
+    /// reservation are absent).
+    pub reserved: HashMap<String, Vec<String>>,
+}
+
+impl Taken {
+    /// Whether every one of `skus` is held by this transaction (or does not
+    /// exist, which its handler reports).
+    pub fn has_all<'a>(&self, mut skus: impl Iterator<Item = &'a str>) -> bool {
+        skus.all(|sku| !self.busy.contains(sku))
+    }
+
+    /// Whether the products reserved for `order_id` are all held.
+    pub fn has_reserved(&self, order_id: &str) -> bool {
+        self.reserved.get(order_id).is_none_or(|skus| self.has_all(skus.iter().map(String::as_str)))
+    }
+}
+
+#[derive(QueryableByName)]
+struct SkuTaken {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    sku: String,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    got: bool,
+}
+
+#[derive(QueryableByName)]
+struct ReservedSku {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    order_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    sku: String,
+}
+
+/// Locks, without waiting for any, the products of `skus` and those
+/// reserved for `orders`: what a batch of messages will move (see
+/// `orderflow_consumer::Handler::prepare`). Says which were busy, so the
+/// messages that need them wait for a later transaction instead of this one
+/// waiting while it holds the others.
+pub async fn try_lock_products(conn: &mut Conn, skus: &[&str], orders: &[&str]) -> QueryResult<Taken> {
     use diesel::sql_types::{Array, Text};
-    diesel::sql_query(
-        "SELECT 1 FROM products \
-         WHERE sku = ANY($1) \
-            OR sku IN (SELECT line->>'sku' FROM reservations, jsonb_array_elements(items) AS line \
-                       WHERE order_id = ANY($2)) \
-         ORDER BY sku FOR UPDATE",
+    let mut taken = Taken::default();
+    let mut wanted: Vec<String> = skus.iter().map(|s| (*s).to_owned()).collect();
+    if !orders.is_empty() {
+        let lines: Vec<ReservedSku> = diesel::sql_query(
+            "SELECT order_id, line->>'sku' AS sku FROM reservations, jsonb_array_elements(items) AS line \
+             WHERE order_id = ANY($1)",
+        )
+        .bind::<Array<Text>, _>(orders)
+        .load(conn)
+        .await?;
+        for line in lines {
+            wanted.push(line.sku.clone());
+            taken.reserved.entry(line.order_id).or_default().push(line.sku);
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(taken);
+    }
+    let rows: Vec<SkuTaken> = diesel::sql_query(
+        "SELECT p.sku, l.sku IS NOT NULL AS got FROM products p \
+         LEFT JOIN (SELECT sku FROM products WHERE sku = ANY($1) ORDER BY sku FOR UPDATE SKIP LOCKED) l USING (sku) \
+         WHERE p.sku = ANY($1)",
     )
-    .bind::<Array<Text>, _>(skus)
-    .bind::<Array<Text>, _>(orders)
-    .execute(conn)
+    .bind::<Array<Text>, _>(&wanted)
+    .load(conn)
     .await?;
-    Ok(())
+    taken.busy = rows.into_iter().filter(|r| !r.got).map(|r| r.sku).collect();
+    Ok(taken)
 }
 
 /// Moves the units of `items`, each guarded by a conditional update so no

@@ -90,6 +90,10 @@ impl HandlerError {
     }
 }
 
+/// How often [`Handler::prepare`] may leave a message for later before it is
+/// handled alone, waiting for its rows.
+pub const DEFER_LIMIT: u32 = 20;
+
 /// A consumer's business logic. It runs inside the transaction that also
 /// records the message in the inbox: every write it makes (domain rows,
 /// outbox rows) commits or rolls back with that record. It must be correct
@@ -106,14 +110,25 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
     /// Runs once per batch transaction, before any of its messages is
-    /// handled, with all of them. A handler whose messages lock rows that
-    /// other messages share (stock rows) locks them all here, in one global
-    /// order: concurrent batches then queue behind each other instead of
-    /// deadlocking (each deadlock costs PostgreSQL's `deadlock_timeout`, a
-    /// second by default, and a retry). It runs in a savepoint of its own:
-    /// if it fails, the batch goes on without it. The default does nothing.
-    fn prepare(&self, conn: &mut Conn, batch: &[&Event]) -> impl Future<Output = diesel::QueryResult<()>> + Send {
-        let _ = (conn, batch);
-        async { Ok(()) }
+    /// handled, with all of them, and says which of them to handle in this
+    /// transaction (`true`) and which to leave for a later one (`false`).
+    ///
+    /// A handler whose messages lock rows that other messages share (stock
+    /// rows) takes them here without waiting (`FOR UPDATE SKIP LOCKED`) and
+    /// leaves out the messages that did not get all of theirs: they go again
+    /// in a later transaction after a short pause, and one passed over
+    /// [`DEFER_LIMIT`] times is then handled alone, without `prepare`,
+    /// waiting for its rows like any transaction. So no batch waits for a row
+    /// while it holds others (no deadlock, which costs PostgreSQL's
+    /// `deadlock_timeout` and a retry), and batches that share no rows run
+    /// side by side instead of queueing behind each other's whole batch.
+    ///
+    /// It runs in a savepoint of its own; if it fails, every message is
+    /// handled as if it had answered `true`. The default takes nothing and
+    /// handles everything.
+    fn prepare(&self, conn: &mut Conn, batch: &[&Event]) -> impl Future<Output = diesel::QueryResult<Vec<bool>>> + Send {
+        let _ = conn;
+        let all = vec![true; batch.len()];
+        async move { Ok(all) }
     }
 }

@@ -63,5 +63,5 @@ mod runtime;
 
 pub use args::ConsumerArgs;
 pub use error::ConsumerError;
-pub use handler::{Handler, HandlerError, Incoming};
+pub use handler::{DEFER_LIMIT, Handler, HandlerError, Incoming};
 pub use runtime::{ConsumerConfig, declare, headers, prepare, prepare_at_start, run};

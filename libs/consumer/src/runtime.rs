@@ -26,7 +26,7 @@ use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::ConsumerError;
-use crate::handler::{Disposition, Handler, HandlerError, Incoming};
+use crate::handler::{DEFER_LIMIT, Disposition, Handler, HandlerError, Incoming};
 
 /// Cap of the wait between attempts at a batch while the database is down:
 /// short, because the messages are held unacked and should go on soon after.
@@ -378,6 +378,8 @@ struct Item {
     span: Span,
     /// Conflicts met in this batch.
     conflicts: u32,
+    /// Times `Handler::prepare` left it for a later transaction.
+    deferrals: u32,
 }
 
 /// What becomes of a delivery once its batch has committed.
@@ -393,6 +395,8 @@ enum Verdict {
 enum Applied {
     New,
     Duplicate,
+    /// Left for a later transaction by `Handler::prepare` (its rows were busy).
+    Deferred,
 }
 
 /// Why a batch's transaction did not commit.
@@ -436,8 +440,14 @@ async fn process_batch<H: Handler>(
     let mut commit_conflicts = 0;
     let mut one_at_a_time = false;
     while !pending.is_empty() {
-        let chunk: Vec<usize> = if one_at_a_time { vec![pending[0]] } else { pending.clone() };
-        let pause = match transact(ctx, &items, &chunk).await {
+        // A message passed over too often goes alone, waiting for its rows.
+        let starved = pending.iter().copied().find(|&i| items[i].deferrals >= DEFER_LIMIT);
+        let chunk: Vec<usize> = match starved {
+            Some(i) => vec![i],
+            None if one_at_a_time => vec![pending[0]],
+            None => pending.clone(),
+        };
+        let pause = match transact(ctx, &items, &chunk, starved.is_none()).await {
             Ok(results) => {
                 if results.iter().any(|(_, r)| matches!(r, Ok(Applied::New))) {
                     // One wake-up per committed batch.
@@ -456,6 +466,12 @@ async fn process_batch<H: Handler>(
                         }
                         Ok(Applied::Duplicate) => {
                             verdicts.push((i, Verdict::Done("duplicate")));
+                            continue;
+                        }
+                        Ok(Applied::Deferred) => {
+                            item.deferrals += 1;
+                            again.push(i);
+                            pause = pause.or(Some(Duration::from_millis(rand::random_range(1..10))));
                             continue;
                         }
                         Err(e) => e,
@@ -540,7 +556,7 @@ fn admit<H>(ctx: &Ctx<H>, delivery: Delivery) -> (Item, Option<Verdict>) {
     let refuse = |delivery: Delivery, reason: String| {
         let span = info_span!("consume", consumer, routing_key = %delivery.routing_key);
         span.in_scope(|| warn!(%reason, "refusing message"));
-        (Item { delivery, attempt, message: None, span, conflicts: 0 }, Some(Verdict::Dead(reason)))
+        (Item { delivery, attempt, message: None, span, conflicts: 0, deferrals: 0 }, Some(Verdict::Dead(reason)))
     };
     if delivery.data.len() > ctx.cfg.max_message_bytes {
         let reason = format!("message too large: {} bytes (limit {})", delivery.data.len(), ctx.cfg.max_message_bytes);
@@ -560,7 +576,7 @@ fn admit<H>(ctx: &Ctx<H>, delivery: Delivery) -> (Item, Option<Verdict>) {
         order_id = %env.aggregate_id, correlation_id = %env.correlation_id);
     // The span continues the trace of whoever wrote the message.
     orderflow_telemetry::continue_trace(&span, env.traceparent.as_deref());
-    (Item { delivery, attempt, message: Some((env, event)), span, conflicts: 0 }, None)
+    (Item { delivery, attempt, message: Some((env, event)), span, conflicts: 0, deferrals: 0 }, None)
 }
 
 /// Which message is being handled, and until when it may take.
@@ -598,12 +614,13 @@ async fn transact<H: Handler>(
     ctx: &Ctx<H>,
     items: &[Item],
     chunk: &[usize],
+    prepare: bool,
 ) -> Result<Vec<(usize, Result<Applied, HandlerError>)>, Failure> {
     let mut pooled = ctx.pool.get().await.map_err(|e| Failure::Database(e.to_string()))?;
     let guard = ctx.cfg.handler_guard();
     let watch = Watch::default();
     let outcome = {
-        let work = run_chunk(ctx, &mut pooled, items, chunk, &watch, guard);
+        let work = run_chunk(ctx, &mut pooled, items, chunk, prepare, &watch, guard);
         tokio::select! {
             outcome = work => outcome,
             index = watch.overrun(Duration::from_millis(100)) => Err(Failure::Stuck { index, after: guard }),
@@ -632,6 +649,7 @@ async fn run_chunk<H: Handler>(
     conn: &mut Conn,
     items: &[Item],
     chunk: &[usize],
+    prepare: bool,
     watch: &Watch,
     guard: Duration,
 ) -> Result<Vec<(usize, Result<Applied, HandlerError>)>, Failure> {
@@ -651,20 +669,35 @@ async fn run_chunk<H: Handler>(
     let committed = conn
         .transaction::<_, Abort, _>(async |tx| {
             tx.batch_execute(&settings).await?;
-            let events: Vec<&Event> = chunk.iter().filter_map(|&i| items[i].message.as_ref().map(|(_, e)| e)).collect();
-            // Even for one message: the rows it locks are then always taken
-            // in the same order (shared rows first), batch or not.
-            let prepared =
-                tx.transaction::<(), diesel::result::Error, _>(async |sp| ctx.handler.prepare(sp, &events).await).await;
-            match prepared {
-                Err(e) if classify(&e) == ErrorClass::Connection => return Err(Abort(e)),
-                Err(e) => debug!(consumer, error = %e, "batch preparation failed; handling without it"),
-                Ok(()) => {}
+            let handled: Vec<usize> = chunk.iter().copied().filter(|&i| items[i].message.is_some()).collect();
+            let events: Vec<&Event> = handled.iter().filter_map(|&i| items[i].message.as_ref().map(|(_, e)| e)).collect();
+            // Even for one message: the shared rows are then always taken
+            // first and without waiting, batch or not.
+            let mut ready: HashSet<usize> = handled.iter().copied().collect();
+            if prepare {
+                let prepared = tx
+                    .transaction::<Vec<bool>, diesel::result::Error, _>(async |sp| ctx.handler.prepare(sp, &events).await)
+                    .await;
+                match prepared {
+                    Err(e) if classify(&e) == ErrorClass::Connection => return Err(Abort(e)),
+                    Err(e) => debug!(consumer, error = %e, "batch preparation failed; handling without it"),
+                    Ok(flags) => {
+                        for (&i, go) in handled.iter().zip(flags.into_iter().chain(std::iter::repeat(true))) {
+                            if !go {
+                                ready.remove(&i);
+                            }
+                        }
+                    }
+                }
             }
             let mut results = Vec::with_capacity(chunk.len());
             for &i in chunk {
                 let item = &items[i];
                 let Some((env, event)) = &item.message else { continue };
+                if !ready.contains(&i) {
+                    results.push((i, Ok(Applied::Deferred)));
+                    continue;
+                }
                 watch.start(i, guard);
                 let result = tx
                     .transaction::<Applied, HandlerError, _>(async |sp| apply(ctx, consumer, sp, env, event).await)

@@ -109,6 +109,12 @@ impl Handler for Recorder {
         }
         Ok(())
     }
+
+    /// Leaves out every `busy` message, as a handler does whose rows another
+    /// transaction holds.
+    async fn prepare(&self, _conn: &mut Conn, batch: &[&Event]) -> diesel::QueryResult<Vec<bool>> {
+        Ok(batch.iter().map(|e| !matches!(e, Event::PaymentDeclined(ev) if ev.reason == "busy")).collect())
+    }
 }
 
 struct Setup {
@@ -352,6 +358,38 @@ async fn a_deadlock_between_batches_is_retried_and_applied_once() {
     assert!(handler.calls(forward.message_id) + handler.calls(backward.message_id) >= 3, "one of them went again");
     let dlq = s.broker.topology.dead_letter_queue(&s.spec.consumer);
     assert!(drain(&s.channel, &dlq).await.is_empty(), "nothing dead-lettered");
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_prepare_leaves_out_goes_later_and_alone_the_rest_commit_at_once() {
+    let s = setup(&[100]).await;
+    let good: Vec<_> = (0..5).map(|_| declined("ok")).collect();
+    let busy = declined("busy");
+    s.broker.publish(&s.channel, &good[0]).await;
+    s.broker.publish(&s.channel, &busy).await;
+    for env in &good[1..] {
+        s.broker.publish(&s.channel, env).await;
+    }
+    let handler = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(s.config(&s.broker.amqp_url), s.db.pool.clone(), handler.clone(), shutdown.clone()));
+
+    eventually("every message handled and acked", DEADLINE, || async {
+        count(&s.db.pool, "SELECT count(*) AS n FROM inbox").await == 6 && s.ready_in_queue().await == 0
+    })
+    .await;
+    // The five others in one commit; the left-out one in a later one of its
+    // own, once prepare had passed it over DEFER_LIMIT times.
+    assert_eq!(count(&s.db.pool, "SELECT count(DISTINCT tx) AS n FROM effects").await, 2);
+    let busy_tx = format!("SELECT count(*) AS n FROM effects WHERE message_id = '{}'", busy.message_id);
+    assert_eq!(count(&s.db.pool, &busy_tx).await, 1);
+    for env in good.iter().chain([&busy]) {
+        assert_eq!(handler.calls(env.message_id), 1, "handled once, never rolled back");
+    }
+    let dlq = s.broker.topology.dead_letter_queue(&s.spec.consumer);
+    assert!(s.channel.basic_get(dlq.as_str().into(), BasicGetOptions::default()).await.unwrap().is_none());
     shutdown.cancel();
     task.await.unwrap();
 }
