@@ -275,6 +275,9 @@ pub struct RunArgs {
     /// Address of the relay's /metrics and /health (port 0: any free port; "off" to disable).
     #[arg(long, env = "RELAY_METRICS_ADDR", default_value = "127.0.0.1:9100", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
+    /// The operator console (/console on the metrics address) and what it needs.
+    #[command(flatten)]
+    pub console: crate::console::ConsoleArgs,
 }
 
 /// Where the relay serves /metrics, if anywhere.
