@@ -153,7 +153,7 @@ async fn bounded<T>(what: &str, work: impl Future<Output = anyhow::Result<T>>) -
 const CSS: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:0 2em 2em;color:#222}\
 nav{padding:.8em 0;border-bottom:1px solid #ccc;margin-bottom:1em}nav a{margin-right:1.2em}\
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}\
-th{background:#f4f4f4}td.num{text-align:right}code,pre{font-size:12px}pre{white-space:pre-wrap;max-width:60em}\
+th{background:#f4f4f4}td.num{text-align:right}code,pre{font-size:12px}pre{white-space:pre-wrap;word-break:break-all;max-width:48em;margin:0}\
 .dead{color:#b00;font-weight:600}.published{color:#070}.pending{color:#a60}\
 .note{background:#fff8dc;border:1px solid #e8d890;padding:.4em .8em}.ok{background:#e9f7e9;border:1px solid #9c9;padding:.4em .8em}\
 form.action{display:flex;gap:.4em;flex-wrap:wrap;margin:0}form.action input[name=reason]{min-width:16em}";
@@ -330,6 +330,7 @@ async fn overview(console: web::Data<Console>) -> Result<HttpResponse, Problem> 
             p.note { "Lanes no relay owns: " (status.unowned_lanes.iter().map(i32::to_string).collect::<Vec<_>>().join(",")) }
         }
         h2 { "Recent replays and requeues" }
+        @if replays.is_empty() { p { "None yet." } }
         table id="replays" {
             tr { th { "when" } th { "kind" } th { "items" } th { "operator" } th { "reason" } th { "selection" } }
             @for r in &replays {
@@ -812,4 +813,24 @@ async fn requeue(
         p { a href=(consumer_link(&consumer)) { "Back" } }
     };
     Ok(page(&console, "Requeue", body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_encode_what_a_path_segment_cannot_hold() {
+        assert_eq!(order_link("ord-001"), "/console/orders/ord-001");
+        assert_eq!(order_link("a/b c?#%<\"x"), "/console/orders/a%2Fb%20c%3F%23%25%3C%22x");
+        assert_eq!(consumer_link("inventory"), "/console/dlq/inventory");
+    }
+
+    #[test]
+    fn forms_take_the_first_value_that_is_not_blank() {
+        let form = Form::parse(b"reason=+&reason=bound+the+queue&token=%20abc%20&message_ids=a,b&message_ids=c");
+        assert_eq!(form.get("reason"), Some("bound the queue"));
+        assert_eq!(form.get("token"), Some("abc"));
+        assert_eq!(form.get("operator"), None);
+    }
 }

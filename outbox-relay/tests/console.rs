@@ -3,7 +3,8 @@
 //!
 //! Needs `chromedriver` and `chromium` (Debian: `chromium-driver`,
 //! `chromium`; `make tools` installs them). `CHROMEDRIVER` and `CHROMIUM`
-//! override where they are.
+//! override where they are; `CONSOLE_SCREENSHOTS=<dir>` saves a PNG of each
+//! page the test looks at.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,6 +12,7 @@ mod common;
 use std::process::Stdio;
 
 use common::*;
+use diesel_async::RunQueryDsl;
 use fantoccini::{Client, ClientBuilder, Locator};
 use orderflow_envelope::events::PaymentRefunded;
 use orderflow_envelope::{Envelope, Metadata, Money};
@@ -100,6 +102,15 @@ impl Drop for Browser {
     }
 }
 
+/// Saves the current page as `<CONSOLE_SCREENSHOTS>/<name>.png`, if asked to.
+async fn shot(client: &Client, name: &str) {
+    if let Ok(dir) = std::env::var("CONSOLE_SCREENSHOTS") {
+        let png = client.screenshot().await.unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
+    }
+}
+
 /// The text of the first element matching `css` on the current page.
 async fn text(client: &Client, css: &str) -> String {
     client.wait().for_element(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}")).text().await.unwrap()
@@ -134,13 +145,30 @@ async fn an_operator_replays_a_dead_row_and_requeues_a_dead_letter_from_the_cons
     // Nobody consumes payment.refunded yet: the broker returns it until it dies.
     let work = probe(&broker, &channel, "probe", &["payment.declined"]).await;
     let order = Uuid::now_v7().to_string();
+    // The refund was caused by a message this database's payment consumer handled.
+    let cause = Uuid::now_v7();
     let refund = Envelope::new(
         &PaymentRefunded { order_id: order.clone(), payment_id: Uuid::now_v7(), amount: Money::from_minor(5) },
+        1,
+        &Metadata { causation_id: Some(cause), ..Default::default() },
+    )
+    .unwrap();
+    let mut conn = db.pool.get().await.unwrap();
+    diesel::sql_query("INSERT INTO inbox (consumer, message_id, event_type) VALUES ('payment', $1, 'order.cancelled')")
+        .bind::<diesel::sql_types::Uuid, _>(cause)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    // Another order's refund dies too; it is replayed from its journey.
+    let other = Uuid::now_v7().to_string();
+    let other_refund = Envelope::new(
+        &PaymentRefunded { order_id: other.clone(), payment_id: Uuid::now_v7(), amount: Money::from_minor(7) },
         1,
         &Metadata::default(),
     )
     .unwrap();
-    write(&db.pool, vec![refund.clone(), declined(order.parse().unwrap(), 2)]).await;
+    write(&db.pool, vec![refund.clone(), declined(order.parse().unwrap(), 2), other_refund.clone()]).await;
     // A consumer parked a message about the same order; its reason is markup.
     let letter = declined(order.parse().unwrap(), 7);
     dead_letter(&channel, &broker.topology.dead_letter_queue("probe"), &letter, "<b>handler</b> said no").await;
@@ -166,8 +194,8 @@ async fn an_operator_replays_a_dead_row_and_requeues_a_dead_letter_from_the_cons
             "probe",
         ],
     );
-    eventually("the refund row is dead", DEADLINE, || async {
-        count(&db.pool, "SELECT count(*) AS n FROM outbox WHERE dead_at IS NOT NULL").await == 1
+    eventually("both refund rows are dead", DEADLINE, || async {
+        count(&db.pool, "SELECT count(*) AS n FROM outbox WHERE dead_at IS NOT NULL").await == 2
     })
     .await;
     let base = format!("http://{addr}");
@@ -192,18 +220,21 @@ async fn an_operator_replays_a_dead_row_and_requeues_a_dead_letter_from_the_cons
     let browser = Browser::start().await;
     let client = browser.client();
 
-    // The outbox page shows the dead row by type and by reason.
+    // The outbox page shows the dead rows by type and by reason.
     client.goto(&format!("{base}/console")).await.unwrap();
     let row = text(client, "#dead-by-type tr[data-event-type='payment.refunded']").await;
-    assert!(row.contains("payment.refunded") && row.contains('1'), "{row}");
+    assert!(row.contains("payment.refunded") && row.contains('2'), "{row}");
     let reasons = text(client, "#dead-by-reason").await;
     assert!(reasons.contains("returned by broker"), "{reasons}");
     assert!(client.find(Locator::Css("#read-only")).await.is_err(), "a relay with a token is not read-only");
+    shot(client, "1-outbox").await;
 
     // The order's journey: the dead row, the row waiting behind it, the dead letter.
     client.goto(&format!("{base}/console/orders/{order}")).await.unwrap();
     let rows = text(client, "#outbox-rows").await;
     assert!(rows.contains("dead") && rows.contains("pending") && rows.contains("payment.declined"), "{rows}");
+    let inbox = text(client, "#inbox").await;
+    assert!(inbox.contains("payment") && inbox.contains(&cause.to_string()), "{inbox}");
     let letters = text(client, "table.letters").await;
     assert!(
         letters.contains(&letter.message_id.to_string()) && letters.contains("<b>handler</b> said no"),
@@ -214,13 +245,20 @@ async fn an_operator_replays_a_dead_row_and_requeues_a_dead_letter_from_the_cons
         source.contains("&lt;b&gt;handler") && !source.contains("<b>handler"),
         "database and broker text is escaped"
     );
+    shot(client, "2-journey-dead").await;
 
-    // The cause is fixed: a consumer of payment.refunded now exists. Replay from the page.
+    // The cause is fixed: a consumer of payment.refunded now exists. Replay
+    // the other order's dead row from its journey, then the rest by type.
     let refunds = probe(&broker, &channel, "refunds", &["payment.refunded"]).await;
+    client.goto(&format!("{base}/console/orders/{other}")).await.unwrap();
+    act(client, &format!("form[data-order='{other}']"), "refunds are bound", "carol", TOKEN).await;
+    let result = text(client, "#result").await;
+    assert!(result.contains("Replayed 1 dead rows") && result.contains("carol"), "{result}");
     client.goto(&format!("{base}/console")).await.unwrap();
     act(client, "form[data-event-type='payment.refunded']", "bound refunds", "alice", TOKEN).await;
     let result = text(client, "#result").await;
     assert!(result.contains("Replayed 1 dead rows") && result.contains("alice"), "{result}");
+    shot(client, "3-replayed").await;
 
     // It is published, and the order's next event after it.
     let journey = format!("{base}/console/orders/{order}");
@@ -236,8 +274,9 @@ async fn an_operator_replays_a_dead_row_and_requeues_a_dead_letter_from_the_cons
         states.len() == 2 && states.iter().all(|s| s == "published")
     })
     .await;
-    let got = drain_until(&channel, &refunds, 1).await;
-    assert_eq!(got[0].message_id, refund.message_id);
+    shot(client, "4-journey-published").await;
+    let got: Vec<Uuid> = drain_until(&channel, &refunds, 2).await.into_iter().map(|e| e.message_id).collect();
+    assert!(got.contains(&refund.message_id) && got.contains(&other_refund.message_id), "{got:?}");
     let replays = count(
         &db.pool,
         "SELECT count(*) AS n FROM outbox_replays WHERE kind = 'outbox' AND operator = 'alice' \
@@ -245,14 +284,25 @@ async fn an_operator_replays_a_dead_row_and_requeues_a_dead_letter_from_the_cons
     )
     .await;
     assert_eq!(replays, 1, "recorded as the CLI records it");
+    let by_order = count(
+        &db.pool,
+        &format!(
+            "SELECT count(*) AS n FROM outbox_replays WHERE kind = 'outbox' AND operator = 'carol' \
+             AND items = '[3]' AND selector -> 'selector' ->> 'aggregate_id' = '{other}'"
+        ),
+    )
+    .await;
+    assert_eq!(by_order, 1, "an order's replay is recorded as `replay --aggregate`");
 
     // The dead letters page groups by error; inspecting kept the message. Requeue it.
     client.goto(&format!("{base}/console/dlq")).await.unwrap();
     let groups = text(client, "section[data-consumer='probe'] table.groups").await;
     assert!(groups.contains("<b>handler</b> said no") && groups.contains("payment.declined"), "{groups}");
+    shot(client, "5-dead-letters").await;
     act(client, "section[data-consumer='probe'] form[data-all='false']", "handler fixed", "bob", TOKEN).await;
     let result = text(client, "#result").await;
     assert!(result.contains("Requeued 1 dead letters of probe"), "{result}");
+    shot(client, "6-requeued").await;
     // The order's next event (published after the replay) and the requeued letter.
     let back = drain_until(&channel, &work, 2).await;
     assert!(back.iter().any(|e| e.message_id == letter.message_id), "the dead letter is back in its queue");
@@ -266,7 +316,10 @@ async fn an_operator_replays_a_dead_row_and_requeues_a_dead_letter_from_the_cons
     );
     client.goto(&format!("{base}/console")).await.unwrap();
     let log = text(client, "#replays").await;
-    assert!(log.contains("alice") && log.contains("bound refunds") && log.contains("bob"), "{log}");
+    assert!(
+        log.contains("alice") && log.contains("bound refunds") && log.contains("bob") && log.contains("carol"),
+        "{log}"
+    );
 
     // A relay without a token serves a read-only console.
     let quiet_port = free_port();
@@ -277,6 +330,7 @@ async fn an_operator_replays_a_dead_row_and_requeues_a_dead_letter_from_the_cons
         .await;
     client.goto(&format!("{quiet}/console")).await.unwrap();
     text(client, "#read-only").await;
+    shot(client, "7-read-only").await;
     assert!(client.find_all(Locator::Css("form[method=post]")).await.unwrap().is_empty(), "no action forms");
     let (status, kind, body) = post(
         &format!("{quiet}/console/replay"),
