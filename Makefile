@@ -20,8 +20,9 @@ run: build ## Start both services and a relay per database on local PostgreSQL a
 services: ## Install (apt) and start PostgreSQL and RabbitMQ if missing or down
 	infra/local/services.sh ensure
 
-tools: ## Install the test runner (cargo-nextest) if missing
+tools: ## Install the test runner (cargo-nextest) and, for the relay console's browser test, chromium and chromedriver if missing
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+	@infra/local/services.sh browser
 
 test: services tools ## Run every test against real PostgreSQL and RabbitMQ, fuzz the HTTP contracts, validate infra files
 	$(CARGO) build --workspace --bins

@@ -66,8 +66,8 @@ cat <<MSG
 orderflow is running (logs in $LOGS/):
   order-service      http://127.0.0.1:8000   (Swagger UI: http://127.0.0.1:8000/swagger-ui/)
   processor-service  http://127.0.0.1:8001   (Swagger UI: http://127.0.0.1:8001/swagger-ui/)
-  relay (orders)     http://127.0.0.1:9100/metrics
-  relay (processor)  http://127.0.0.1:9101/metrics
+  relay (orders)     http://127.0.0.1:9100/metrics   (console: http://127.0.0.1:9100/console)
+  relay (processor)  http://127.0.0.1:9101/metrics   (console: http://127.0.0.1:9101/console)
   RabbitMQ           amqp://127.0.0.1:5672   PostgreSQL 127.0.0.1:5432
 
 Try:
@@ -79,6 +79,11 @@ $(if [[ -n "${ADMIN_TOKEN:-}" ]]; then
   echo "Product and stock writes need: Authorization: Bearer \$ADMIN_TOKEN"
 else
   echo "Product and stock writes are open: ADMIN_TOKEN is not set (fine on this machine; set it anywhere else)."
+fi)
+$(if [[ -n "${RELAY_ADMIN_TOKEN:-}" ]]; then
+  echo "The relay consoles' replays and requeues need the token \$RELAY_ADMIN_TOKEN."
+else
+  echo "The relay consoles are read-only: set RELAY_ADMIN_TOKEN to replay and requeue from them."
 fi)
 
 Ctrl-C stops everything.

@@ -3,6 +3,8 @@
 #   services.sh check   one line per unreachable service, with how to start it; exit 1 if any
 #   services.sh ensure  install (apt) what is missing, start what is down, wait until both answer
 #   services.sh pgbench install pgbench (apt, PostgreSQL's contrib package) if missing (make bench)
+#   services.sh browser install chromium and chromedriver (apt) if missing: the relay console's
+#                       browser test (outbox-relay/tests/console.rs) drives them (make tools)
 set -euo pipefail
 
 PG_HOST=127.0.0.1 PG_PORT=5432 AMQP_HOST=127.0.0.1 AMQP_PORT=5672
@@ -107,9 +109,19 @@ ensure_pgbench() {
   command -v pgbench >/dev/null || { echo "pgbench is still missing: install PostgreSQL's client tools" >&2; return 1; }
 }
 
+ensure_browser() {
+  if command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
+    return 0
+  fi
+  echo "installing chromium and chromedriver (browser tests of the relay console)"
+  apt_install chromium chromium-driver
+  command -v chromedriver >/dev/null || { echo "chromedriver is still missing: install Debian's chromium-driver" >&2; return 1; }
+}
+
 case "${1:-check}" in
   check) check ;;
   ensure) ensure ;;
   pgbench) ensure_pgbench ;;
-  *) echo "usage: $0 check|ensure|pgbench" >&2; exit 2 ;;
+  browser) ensure_browser ;;
+  *) echo "usage: $0 check|ensure|pgbench|browser" >&2; exit 2 ;;
 esac

@@ -272,9 +272,12 @@ pub struct RunArgs {
     /// How often retention runs.
     #[arg(long, env = "RELAY_RETENTION_INTERVAL", default_value = "30s", value_parser = orderflow_telemetry::args::positive_duration)]
     pub retention_interval: Duration,
-    /// Address of the relay's /metrics and /health (port 0: any free port; "off" to disable).
+    /// Address of the relay's /metrics, /health and operator console /console (port 0: any free port; "off" to disable).
     #[arg(long, env = "RELAY_METRICS_ADDR", default_value = "127.0.0.1:9100", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
+    /// The operator console (/console on the metrics address) and what it needs.
+    #[command(flatten)]
+    pub console: crate::console::ConsoleArgs,
 }
 
 /// Where the relay serves /metrics, if anywhere.

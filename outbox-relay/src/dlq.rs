@@ -13,14 +13,14 @@ use orderflow_db::Conn;
 
 use crate::cli::{BrokerTarget, DlqListArgs, DlqRequeueArgs, DlqShowArgs};
 
-async fn connect(target: &BrokerTarget) -> anyhow::Result<(Connection, Topology)> {
+pub(crate) async fn connect(target: &BrokerTarget) -> anyhow::Result<(Connection, Topology)> {
     let conn = orderflow_broker::connect(&target.amqp_url, "outbox-relay:dlq").await?;
     Ok((conn, Topology::new(target.topology_prefix.clone())))
 }
 
 /// Ready messages in `queue`, or None if it does not exist (a missing queue
 /// closes the channel, hence a channel per question).
-async fn depth(conn: &Connection, queue: &str) -> anyhow::Result<Option<u32>> {
+pub(crate) async fn depth(conn: &Connection, queue: &str) -> anyhow::Result<Option<u32>> {
     let channel = conn.create_channel().await?;
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
     match channel.queue_declare(queue.into(), passive, FieldTable::default()).await {
@@ -48,7 +48,7 @@ pub async fn list(args: DlqListArgs) -> anyhow::Result<()> {
     crate::ops::print(&o)
 }
 
-fn describe(value: &AMQPValue) -> String {
+pub(crate) fn describe(value: &AMQPValue) -> String {
     match value {
         AMQPValue::LongString(s) => s.to_string(),
         AMQPValue::ShortString(s) => s.as_str().to_owned(),
@@ -64,7 +64,7 @@ fn describe(value: &AMQPValue) -> String {
 
 /// Holds up to `limit` messages of `queue` unacked on `channel`; closing the
 /// channel puts back the ones not acked.
-async fn take(
+pub(crate) async fn take(
     channel: &Channel,
     queue: &str,
     limit: usize,
@@ -155,6 +155,24 @@ fn fresh(props: &BasicProperties) -> BasicProperties {
 
 /// `dlq requeue`.
 pub async fn requeue(args: DlqRequeueArgs) -> anyhow::Result<()> {
+    let done = requeue_recorded(&args).await?;
+    crate::ops::print(&done.report)?;
+    done.failure.map_or(Ok(()), Err)
+}
+
+/// What a requeue did (also when it stopped part way).
+pub(crate) struct Requeued {
+    /// What `dlq requeue` prints.
+    pub(crate) report: String,
+    /// Message ids moved back to the work queue.
+    pub(crate) requeued: Vec<String>,
+    /// Why it stopped before the end, if it did (the rest stays in the DLQ).
+    pub(crate) failure: Option<anyhow::Error>,
+}
+
+/// Requeues the dead letters `args` select and records it (the console
+/// does the same as `dlq requeue`).
+pub(crate) async fn requeue_recorded(args: &DlqRequeueArgs) -> anyhow::Result<Requeued> {
     if args.message_ids.is_empty() && !args.all {
         bail!("say which dead letters: --message-id ID (repeatable) or --all");
     }
@@ -198,14 +216,13 @@ pub async fn requeue(args: DlqRequeueArgs) -> anyhow::Result<()> {
         // Record what moved, even if a later message failed.
         let selector =
             serde_json::json!({ "consumer": args.consumer, "message_ids": args.message_ids, "all": args.all });
-        admin_record(&mut db, &args, &selector, &requeued).await?;
+        admin_record(&mut db, args, &selector, &requeued).await?;
         writeln!(o, "requeued {} dead letters (recorded as {})", requeued.len(), args.record.operator)?;
     }
     // Whatever was not requeued goes back to the DLQ.
     let _ = channel.close(200, "done".into()).await;
     let _ = conn.close(200, "bye".into()).await;
-    crate::ops::print(&o)?;
-    failure.map_or(Ok(()), Err)
+    Ok(Requeued { report: o, requeued, failure })
 }
 
 async fn move_one(

@@ -3,6 +3,7 @@
 //! operator commands that inspect and repair it.
 
 pub mod cli;
+pub mod console;
 mod dlq;
 mod ops;
 mod run;

@@ -22,7 +22,7 @@ pub(crate) fn print(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn age(seconds: Option<f64>) -> String {
+pub(crate) fn age(seconds: Option<f64>) -> String {
     match seconds {
         None => "-".into(),
         Some(s) if s < 1.0 => format!("{:.0} ms", s * 1000.0),

@@ -8,7 +8,7 @@ use diesel_async::RunQueryDsl;
 use orderflow_broker::Topology;
 use orderflow_outbox::relay::{self, Health, RelayConfig};
 
-use crate::cli::RunArgs;
+use crate::cli::{BrokerTarget, RunArgs};
 
 #[derive(QueryableByName)]
 struct Exists {
@@ -85,18 +85,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(addr) => {
             let (listener, port) = orderflow_web::bind(addr)?;
             let data = web::Data::new(status.clone());
+            let console = crate::console::configure(crate::console::Console::new(
+                args.target.database_url.clone(),
+                BrokerTarget {
+                    amqp_url: args.target.amqp_url.clone(),
+                    topology_prefix: args.target.topology_prefix.clone(),
+                },
+                args.console.clone(),
+            ));
             let server = HttpServer::new(move || {
                 App::new()
                     .app_data(data.clone())
                     .route("/health", web::get().to(health))
                     .route("/live", web::get().to(orderflow_web::health))
                     .route("/metrics", web::get().to(orderflow_web::metrics))
+                    .configure(console.clone())
             })
             .listen(listener)?
             .workers(1)
             .disable_signals()
             .run();
-            tracing::info!(port, "relay metrics listening");
+            tracing::info!(
+                port,
+                read_only = !args.console.is_writable(),
+                "relay metrics and console (/console) listening"
+            );
             Some(server)
         }
         None => None,

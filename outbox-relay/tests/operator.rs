@@ -4,9 +4,8 @@
 mod common;
 
 use common::*;
-use orderflow_broker::lapin::options::{BasicGetOptions, BasicPublishOptions};
-use orderflow_broker::lapin::types::{AMQPValue, FieldTable, LongString};
-use orderflow_broker::{header_i64, header_str, properties_for};
+use orderflow_broker::lapin::options::BasicGetOptions;
+use orderflow_broker::{header_i64, header_str};
 use orderflow_envelope::events::PaymentRefunded;
 use orderflow_envelope::{Envelope, Metadata, Money};
 use orderflow_testkit::{TestBroker, TestDb, eventually};
@@ -88,19 +87,6 @@ async fn a_refused_message_dies_then_replay_brings_it_back_once_the_cause_is_fix
     let (ok, log, err) = command(&["replays", "--database-url", &db.url]).await;
     assert!(ok, "{err}");
     assert!(log.contains("outbox") && log.contains("alice") && log.contains("bound refunds"), "{log}");
-}
-
-async fn dead_letter(channel: &orderflow_broker::lapin::Channel, queue: &str, env: &Envelope, error: &str) {
-    let mut headers = FieldTable::default();
-    headers.insert("x-orderflow-error".into(), AMQPValue::LongString(LongString::from(error)));
-    headers.insert("x-orderflow-attempt".into(), AMQPValue::LongLongInt(3));
-    let props = properties_for(env).with_headers(headers);
-    channel
-        .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &env.to_vec(), props)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

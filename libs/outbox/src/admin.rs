@@ -331,3 +331,106 @@ pub async fn replays(conn: &mut Conn, limit: i64) -> QueryResult<Vec<ReplayRecor
         .load(conn)
         .await
 }
+
+/// Dead rows sharing one event type and last error.
+#[derive(Debug, Clone, Serialize, QueryableByName)]
+pub struct ReasonCount {
+    /// Event type.
+    #[diesel(sql_type = Text)]
+    pub event_type: String,
+    /// The last publish error (`(none)` if none was recorded).
+    #[diesel(sql_type = Text)]
+    pub reason: String,
+    /// Rows.
+    #[diesel(sql_type = BigInt)]
+    pub count: i64,
+}
+
+/// Dead rows grouped by event type and last error, largest groups first
+/// (at most `limit` groups).
+pub async fn dead_by_reason(conn: &mut Conn, limit: i64) -> QueryResult<Vec<ReasonCount>> {
+    diesel::sql_query(
+        "SELECT event_type, coalesce(last_error, '(none)') AS reason, count(*) AS count \
+         FROM outbox WHERE dead_at IS NOT NULL \
+         GROUP BY 1, 2 ORDER BY count DESC, event_type, reason LIMIT $1",
+    )
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await
+}
+
+/// The outbox rows about one aggregate, oldest first: rows whose aggregate
+/// id is `id`, or whose payload's `payload_field` (e.g. `order_id`) is `id`.
+/// Published rows are only there while retention keeps them.
+pub async fn rows_naming(conn: &mut Conn, id: &str, payload_field: &str, limit: i64) -> QueryResult<Vec<Candidate>> {
+    use diesel::dsl::sql;
+    use diesel::sql_types::Bool;
+    // The payload test scans the outbox; it holds little besides the
+    // backlog and the rows retention keeps.
+    let in_payload =
+        sql::<Bool>("payload ->> ").bind::<Text, _>(payload_field.to_owned()).sql(" = ").bind::<Text, _>(id.to_owned());
+    outbox::table
+        .filter(outbox::aggregate_id.eq(id.to_owned()).or(in_payload))
+        .order(outbox::id)
+        .limit(limit)
+        .select(Candidate::as_select())
+        .load(conn)
+        .await
+}
+
+/// An inbox entry: a message a consumer of this database handled.
+#[derive(Debug, Clone, Serialize, QueryableByName)]
+pub struct InboxEntry {
+    /// Consumer that handled it.
+    #[diesel(sql_type = Text)]
+    pub consumer: String,
+    /// Message id.
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    pub message_id: Uuid,
+    /// Event type.
+    #[diesel(sql_type = Text)]
+    pub event_type: String,
+    /// When it was handled.
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub received_at: DateTime<Utc>,
+}
+
+/// Inbox entries linked to the outbox rows of one aggregate (see
+/// [`rows_naming`]): the messages that caused them (their causation ids)
+/// and those rows' own messages where this database consumes them too.
+/// The inbox keeps no payload, so only these links name the aggregate.
+/// `None` when the database has no inbox table.
+pub async fn inbox_naming(
+    conn: &mut Conn,
+    id: &str,
+    payload_field: &str,
+    limit: i64,
+) -> QueryResult<Option<Vec<InboxEntry>>> {
+    #[derive(QueryableByName)]
+    struct Present {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        present: bool,
+    }
+    let found: Present =
+        diesel::sql_query("SELECT to_regclass('inbox') IS NOT NULL AS present").get_result(conn).await?;
+    if !found.present {
+        return Ok(None);
+    }
+    let entries = diesel::sql_query(
+        "WITH rows AS ( \
+             SELECT message_id, headers FROM outbox WHERE aggregate_id = $1 OR payload ->> $2 = $1 \
+         ), linked AS ( \
+             SELECT message_id FROM rows \
+             UNION SELECT (headers ->> 'causation_id')::uuid FROM rows WHERE headers ->> 'causation_id' IS NOT NULL \
+         ) \
+         SELECT i.consumer, i.message_id, i.event_type, i.received_at \
+         FROM inbox i JOIN linked l ON l.message_id = i.message_id \
+         ORDER BY i.received_at, i.consumer LIMIT $3",
+    )
+    .bind::<Text, _>(id)
+    .bind::<Text, _>(payload_field)
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await?;
+    Ok(Some(entries))
+}

@@ -40,6 +40,13 @@ impl AdminToken {
         self.0.is_some()
     }
 
+    /// Whether `given` is the configured token (false when none is
+    /// configured), for tokens that come in another way than the header,
+    /// e.g. a form field. Takes the same time wherever the tokens differ.
+    pub fn accepts(&self, given: &str) -> bool {
+        self.0.as_ref().is_some_and(|expected| bool::from(given.trim().as_bytes().ct_eq(expected.as_bytes())))
+    }
+
     /// Ok if no token is configured or `req` carries it; a 401 otherwise.
     /// The comparison takes the same time wherever the tokens differ.
     pub fn check(&self, req: &HttpRequest) -> Result<(), Problem> {

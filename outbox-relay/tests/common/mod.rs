@@ -211,3 +211,20 @@ pub async fn drain_until(channel: &Channel, queue: &str, distinct: usize) -> Vec
         pause = (pause * 2).min(Duration::from_millis(200));
     }
 }
+
+/// Puts `env` into the dead-letter queue `queue` as a consumer would, with
+/// `error` as the reason.
+pub async fn dead_letter(channel: &orderflow_broker::lapin::Channel, queue: &str, env: &Envelope, error: &str) {
+    use orderflow_broker::lapin::options::BasicPublishOptions;
+    use orderflow_broker::lapin::types::{AMQPValue, FieldTable, LongString};
+    let mut headers = FieldTable::default();
+    headers.insert("x-orderflow-error".into(), AMQPValue::LongString(LongString::from(error)));
+    headers.insert("x-orderflow-attempt".into(), AMQPValue::LongLongInt(3));
+    let props = orderflow_broker::properties_for(env).with_headers(headers);
+    channel
+        .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &env.to_vec(), props)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
