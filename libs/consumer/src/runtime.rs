@@ -159,6 +159,7 @@ enum SessionEnd {
 pub async fn run<H: Handler>(cfg: ConsumerConfig, pool: Pool, handler: H, shutdown: CancellationToken) {
     let ctx = Arc::new(Ctx { cfg, pool, handler });
     let consumer = ctx.cfg.spec.consumer.clone();
+    crate::describe_and_register(&consumer);
     let mut waits = backoff::reconnect(ctx.cfg.reconnect_max);
     while !shutdown.is_cancelled() {
         let mut consuming_since = None;
