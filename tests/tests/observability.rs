@@ -109,7 +109,26 @@ fn queried_metric_names() -> std::collections::BTreeSet<String> {
 /// matchers, ranges and grouping clauses that are not functions, keywords
 /// or numbers.
 fn promql_metric_names(expr: &str) -> Vec<String> {
-    const KEYWORDS: &[&str] = &["and", "or", "unless", "bool", "offset"];
+    // Aggregations may be followed by their grouping (`sum by (x) (...)`), not a parenthesis.
+    const KEYWORDS: &[&str] = &[
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "group",
+        "stddev",
+        "stdvar",
+        "topk",
+        "bottomk",
+        "quantile",
+        "count_values",
+    ];
     const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
     // String literals first (label values, which may hold `${prefix}`).
     let mut chars = Vec::new();
@@ -183,6 +202,7 @@ fn metric_names_are_read_from_promql() {
         promql_metric_names(r#"absent(up{job="x"} == 1) or max by (service) (outbox_unowned_lanes) > 0"#),
         ["up", "outbox_unowned_lanes"]
     );
+    assert_eq!(promql_metric_names("sum by (consumer) (increase(x_total[10m])) > 0"), ["x_total"]);
     assert_eq!(
         promql_metric_names(r#"sum by (queue) (rabbitmq_q{queue=~"${prefix}\\..*", queue!~".*\\.dlq"})"#),
         ["rabbitmq_q"]
@@ -215,7 +235,11 @@ async fn every_metric_the_dashboard_and_alerts_query_is_served_before_the_first_
     eventually("every queried metric is served by some process", DEADLINE, || async {
         let mut all = String::new();
         for port in &ports {
-            all.push_str(&scrape(&sys, *port).await);
+            // A relay's listener may not be up yet.
+            let Ok(response) = sys.http.get(format!("http://127.0.0.1:{port}/metrics")).send().await else {
+                return false;
+            };
+            all.push_str(&response.text().await.unwrap_or_default());
         }
         let missing: Vec<&String> = names.iter().filter(|n| !serves(&all, n)).collect();
         if !missing.is_empty() {

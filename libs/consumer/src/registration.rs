@@ -13,6 +13,9 @@ pub const OUTCOMES: &[&str] = &["handled", "duplicate", "retried", "dead_lettere
 /// Idempotent, and safe after messages were counted: it adds 0 and never
 /// resets a value.
 pub fn describe_and_register(consumer: &str) {
+    // Consumers start before the HTTP server that would install the
+    // recorder: registered into none, the series would be lost.
+    orderflow_telemetry::metrics();
     describe_counter!(
         "consumer_messages_total",
         "Messages a consumer finished with, by outcome: handled, duplicate (dropped by the inbox), retried, dead_lettered"
