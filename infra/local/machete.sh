@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-MACHETE_VERSION=0.9.1
+MACHETE_VERSION=0.9.2
 if ! command -v cargo-machete >/dev/null; then
   echo "installing cargo-machete $MACHETE_VERSION (a minute or two, once)"
   cargo install cargo-machete --locked --version "$MACHETE_VERSION" >/dev/null

@@ -110,7 +110,7 @@ impl Progress {
     /// end, or when the last one is old.
     fn line(&mut self, force: bool) {
         let Mode::Lines { what, total, done, printed, at } = &mut self.mode else { return };
-        let tenth = |n: u64| if *total == 0 { 10 } else { n.saturating_mul(10) / *total };
+        let tenth = |n: u64| n.saturating_mul(10).checked_div(*total).unwrap_or(10);
         let due = match *printed {
             None => true,
             Some(last) if last == *done => false,
