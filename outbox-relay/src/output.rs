@@ -52,9 +52,11 @@ impl Progress {
             Mode::Silent
         } else if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            let style = ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} ({per_sec}, {eta} left)")
-                .map(|s| s.progress_chars("=> "))
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style = ProgressStyle::with_template(
+                "{prefix:>10} [{bar:40}] {pos}/{len} ({elapsed} elapsed, about {eta} left)",
+            )
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style);
             bar.set_prefix(what.to_owned());
             Mode::Bar(bar)
