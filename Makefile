@@ -6,13 +6,17 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/orderflow/target
 CARGO ?= cargo
 
-.PHONY: help run build test fuzz validate-infra lint fmt bench bench-system chaos infra-up infra-down tools services clean-test-data
+.PHONY: help run build man test fuzz validate-infra lint fmt bench bench-system chaos infra-up infra-down tools services clean-test-data
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 build: ## Build the binaries (debug)
 	$(CARGO) build --bins
+
+man: ## Man pages of outbox-relay (one per command) into $(CARGO_TARGET_DIR)/man
+	$(CARGO) run --quiet -p outbox-relay -- man --out-dir $(CARGO_TARGET_DIR)/man
+	@echo "man pages: $(CARGO_TARGET_DIR)/man (man -l $(CARGO_TARGET_DIR)/man/outbox-relay.1)"
 
 run: build ## Start both services and a relay per database on local PostgreSQL and RabbitMQ
 	BIN=$(CARGO_TARGET_DIR)/debug infra/local/run.sh
@@ -37,9 +41,10 @@ validate-infra: ## Validate the compose file, the Kubernetes manifests, Promethe
 fuzz: services build ## Fuzz both services' OpenAPI contracts with schemathesis (no 5xx, nothing outside the documented schema)
 	BIN=$(CARGO_TARGET_DIR)/debug infra/local/fuzz.sh
 
-lint: ## Formatting, clippy (warnings are errors), supply chain (cargo deny)
+lint: ## Formatting, clippy (warnings are errors), unused dependencies (cargo machete), supply chain (cargo deny)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	infra/local/machete.sh
 	infra/local/deny.sh
 
 fmt: ## Format the code

@@ -8,7 +8,9 @@
 #     on trouble and silent when healthy; every alert must have one);
 #   - the Grafana dashboard for its structure (datasource and prefix
 #     variables, no hard-coded prefix, stat panels with thresholds); and
-#     every metric the rules and panels query is one the code emits.
+#     every metric the rules and panels query is one the code emits;
+#   - every metrics port in the Kubernetes manifests (the service's and the
+#     relay sidecar's) is annotated for scraping.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source infra/local/venv.sh
@@ -76,6 +78,32 @@ for panel in dashboard["panels"]:
     exprs += [t["expr"] for t in panel.get("targets", [])]
 if stats < 3:
     problems.append(f"dashboard: {stats} stat panels; want backlog, dead rows and dead letters at a glance")
+
+# Every process in the Kubernetes manifests is scraped: the pod's
+# prometheus.io/port names a port of the pod, and every other metrics port
+# (the relay sidecar's) is named by an annotated Service selecting the pod.
+import glob
+docs = [d for f in sorted(glob.glob("infra/k8s/*.yaml")) for d in yaml.safe_load_all(open(f)) if d]
+services = [d for d in docs if d["kind"] == "Service"]
+for deployment in (d for d in docs if d["kind"] == "Deployment"):
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"].get("labels", {})
+    ports = {p["containerPort"]: p.get("name") for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    scraped = set()
+    annotations = pod["metadata"].get("annotations", {})
+    if annotations.get("prometheus.io/scrape") == "true":
+        scraped.add(int(annotations.get("prometheus.io/port", 0)))
+    for svc in services:
+        selector = svc["spec"].get("selector", {})
+        notes = svc["metadata"].get("annotations", {})
+        if selector and all(labels.get(k) == v for k, v in selector.items()) and notes.get("prometheus.io/scrape") == "true":
+            scraped.add(int(notes.get("prometheus.io/port", 0)))
+    name = deployment["metadata"]["name"]
+    for port, port_name in ports.items():
+        if (port_name == "http" or "metrics" in (port_name or "")) and port not in scraped:
+            problems.append(f"k8s: {name}'s port {port} ({port_name}) serves /metrics but nothing annotates it for scraping")
+    for port in scraped - set(ports):
+        problems.append(f"k8s: {name} is annotated to be scraped on {port}, which no container exposes")
 
 # Every orderflow metric queried must be one the Rust code records.
 source = subprocess.run(["grep", "-rhoE", r'(counter|gauge|histogram)!\("[a-z_]+"', "libs", "order-service",

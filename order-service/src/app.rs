@@ -59,6 +59,7 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
             .service(api::order_events)
             .service(api::cancel_order);
     })?;
+    crate::describe_and_register();
     tracing::info!(port, "order-service listening");
     Ok(Service::new(port, server, vec![consumer], shutdown))
 }

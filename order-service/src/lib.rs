@@ -11,11 +11,13 @@ pub mod config;
 pub mod domain;
 pub mod intake;
 pub mod outcomes;
+mod registration;
 pub mod schema;
 pub mod store;
 
 pub use app::{MIGRATIONS, build};
 pub use config::Config;
+pub use registration::describe_and_register;
 
 /// Entry point of the `order-service` binary: parses the configuration (a bad value
 /// fails here with one line saying what and how), serves until SIGTERM or

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use orderflow_telemetry::LogArgs;
 
 /// orderflow outbox relay and operator CLI.
@@ -36,6 +36,17 @@ pub enum Command {
     /// Inspect and requeue the broker's dead-letter queues.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Show the topology on the broker: the exchange, and per consumer its queue, bindings,
+    /// delivery limit, retry tiers (delay queues) and dead-letter queue, with message counts.
+    ///
+    /// Each value says where it comes from: the broker (passive declares), the pipeline
+    /// catalog compiled in, the consumer settings shared with the services (CONSUMER_*), or
+    /// the platform's naming rules.
+    Describe(DescribeArgs),
+    /// Print a shell completion script, e.g. `outbox-relay completions bash > /etc/bash_completion.d/outbox-relay`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), or write one per command into a directory.
+    Man(ManArgs),
 }
 
 /// Where the outbox is.
@@ -52,9 +63,12 @@ pub struct StatusArgs {
     /// The service database.
     #[command(flatten)]
     pub db: DbTarget,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
     #[arg(long)]
     pub json: bool,
+    /// Redraw every INTERVAL (default 2s) until Ctrl-C; with --json, one JSON document per line.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = orderflow_telemetry::args::positive_duration)]
+    pub watch: Option<Duration>,
 }
 
 /// Which rows `replay` considers.
@@ -103,6 +117,9 @@ pub struct ReplayArgs {
     /// Who and why, recorded.
     #[command(flatten)]
     pub record: Record,
+    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Who repairs and why: recorded with every replay and requeue.
@@ -125,6 +142,9 @@ pub struct ReplaysArgs {
     /// How many, newest first.
     #[arg(long, default_value_t = 20)]
     pub limit: i64,
+    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The broker side of `dlq`.
@@ -156,8 +176,11 @@ pub struct DlqListArgs {
     #[command(flatten)]
     pub broker: BrokerTarget,
     /// Consumers to look at (default: every orderflow consumer).
-    #[arg(long = "consumer", value_delimiter = ',', default_value = "orders,inventory,payment,shipping,notification")]
+    #[arg(long = "consumer", value_delimiter = ',', default_value = crate::catalog::CONSUMER_NAMES)]
     pub consumers: Vec<String>,
+    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `dlq show`.
@@ -172,6 +195,9 @@ pub struct DlqShowArgs {
     /// At most this many, oldest first.
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
+    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `dlq requeue`.
@@ -201,6 +227,47 @@ pub struct DlqRequeueArgs {
     /// Who and why, recorded.
     #[command(flatten)]
     pub record: Record,
+    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `describe`.
+#[derive(Debug, Clone, Args)]
+pub struct DescribeArgs {
+    /// Broker and prefix.
+    #[command(flatten)]
+    pub broker: BrokerTarget,
+    /// Consumers to describe (default: every orderflow consumer).
+    #[arg(long = "consumer", value_delimiter = ',', default_value = crate::catalog::CONSUMER_NAMES)]
+    pub consumers: Vec<String>,
+    /// The retry delays the services run with (their delay queues are named by them); the
+    /// services' setting and default.
+    #[arg(long, env = "CONSUMER_RETRY_DELAYS", default_value = "1s,5s,30s", value_delimiter = ',', value_parser = orderflow_telemetry::args::positive_duration)]
+    pub retry_delays: Vec<Duration>,
+    /// The delivery limit the services declare their queues with; the services' setting and default.
+    #[arg(long, env = "CONSUMER_DELIVERY_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub delivery_limit: u32,
+    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `completions`.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Options of `man`.
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Write outbox-relay.1 and a page per command (outbox-relay-status.1, ...) into this
+    /// directory instead of printing the main page.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<std::path::PathBuf>,
 }
 
 /// Where the outbox and the broker are.
@@ -293,7 +360,18 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // Completions and man pages need no runtime, logs or services.
+    match &cli.command {
+        Command::Completions(args) => return completions(args.shell),
+        Command::Man(args) => return man(args),
+        // Operator commands ask the broker about queues that may not exist
+        // (a passive declare), and the broker answers by closing that
+        // channel, which lapin logs as an error: expected here, not news.
+        Command::Run(_) => {}
+        _ if !cli.log.log_filter.contains("lapin::channel") => cli.log.log_filter.push_str(",lapin::channel=off"),
+        _ => {}
+    }
     // The relay's logs and the operator commands' diagnostics go to stderr:
     // stdout is what `status`, `replay` and `dlq` print for people and scripts.
     let _telemetry = match orderflow_telemetry::init(&cli.log, orderflow_telemetry::LogTo::Stderr, "outbox-relay") {
@@ -319,6 +397,8 @@ pub fn main() -> ExitCode {
             Command::Dlq(DlqCommand::List(args)) => crate::dlq::list(args).await,
             Command::Dlq(DlqCommand::Show(args)) => crate::dlq::show(args).await,
             Command::Dlq(DlqCommand::Requeue(args)) => crate::dlq::requeue(args).await,
+            Command::Describe(args) => crate::describe::describe(args).await,
+            Command::Completions(_) | Command::Man(_) => Ok(()),
         }
     });
     match result {
@@ -330,11 +410,34 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `outbox-relay completions <shell>`: the script on stdout.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "outbox-relay", &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+/// `outbox-relay man`: the main page on stdout, or every page into a directory.
+fn man(args: &ManArgs) -> ExitCode {
+    let cmd = Cli::command();
+    let written = match &args.out_dir {
+        Some(dir) => std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(cmd, dir)),
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        // `outbox-relay man | head`.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outbox-relay: cannot write the man page: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use clap::CommandFactory;
-
     use super::*;
 
     #[test]

@@ -797,6 +797,9 @@ async fn requeue(
         all,
         limit: 10_000,
         dry_run: false,
+        // The page shows the plain report; the terminal progress lines
+        // are for people at a CLI, not for a service's stderr.
+        json: false,
         record: record.clone(),
     };
     let done = bounded("requeueing", crate::dlq::requeue_recorded(&args)).await?;

@@ -127,6 +127,7 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
             .service(api::list_notifications)
             .service(api::webhook_status);
     })?;
+    crate::describe_and_register();
     tracing::info!(port, "processor-service listening");
     Ok(Service::new(port, server, tasks, shutdown))
 }

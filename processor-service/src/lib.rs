@@ -14,12 +14,14 @@ pub mod config;
 pub mod inventory;
 pub mod notification;
 pub mod payment;
+mod registration;
 pub mod schema;
 pub mod shipping;
 pub mod store;
 
 pub use app::{MIGRATIONS, build};
 pub use config::Config;
+pub use registration::describe_and_register;
 
 /// Entry point of the `processor-service` binary: parses the configuration (a bad value
 /// fails here with one line saying what and how), serves until SIGTERM or

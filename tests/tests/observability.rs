@@ -60,18 +60,215 @@ async fn every_process_serves_prometheus_metrics() {
         let port = relay.metrics_port.unwrap();
         eventually(&format!("relay {} reports its outbox", relay.id), DEADLINE, || async {
             let m = scrape(&sys, port).await;
-            [
-                "outbox_published_total",
-                "outbox_publish_batch_size_bucket",
-                "outbox_confirm_latency_seconds_bucket",
-                "outbox_backlog",
-                "outbox_oldest_unpublished_age_seconds",
-                "outbox_relay_lanes_owned",
-            ]
-            .iter()
-            .all(|name| has(&m, name, &[]))
+            // Registered at zero without labels at start; published rows add their event type.
+            has(&m, "outbox_published_total", &["event_type="])
+                && [
+                    "outbox_publish_batch_size_bucket",
+                    "outbox_confirm_latency_seconds_bucket",
+                    "outbox_backlog",
+                    "outbox_oldest_unpublished_age_seconds",
+                    "outbox_relay_lanes_owned",
+                ]
+                .iter()
+                .all(|name| has(&m, name, &[]))
         })
         .await;
+    }
+    sys.stop().await;
+}
+
+/// Every metric name the alerts (infra/prometheus/alerts.yml) and the
+/// dashboard (infra/grafana/dashboards/orderflow.json) query, read from
+/// those files so this test follows them; RabbitMQ's own and `up` left out.
+fn queried_metric_names() -> std::collections::BTreeSet<String> {
+    let infra = concat!(env!("CARGO_MANIFEST_DIR"), "/../infra");
+    let alerts = std::fs::read_to_string(format!("{infra}/prometheus/alerts.yml")).unwrap();
+    let mut exprs: Vec<String> =
+        alerts.lines().filter_map(|l| l.trim().strip_prefix("expr:")).map(|e| e.trim().to_owned()).collect();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let dashboard = std::fs::read_to_string(format!("{infra}/grafana/dashboards/orderflow.json")).unwrap();
+    walk(&serde_json::from_str(&dashboard).unwrap(), &mut exprs);
+    assert!(exprs.len() > 10, "queries found: {exprs:?}");
+    exprs.iter().flat_map(|e| promql_metric_names(e)).filter(|n| !n.starts_with("rabbitmq_") && n != "up").collect()
+}
+
+/// The metric names in a PromQL expression: identifiers outside label
+/// matchers, ranges and grouping clauses that are not functions, keywords
+/// or numbers.
+fn promql_metric_names(expr: &str) -> Vec<String> {
+    // Aggregations may be followed by their grouping (`sum by (x) (...)`), not a parenthesis.
+    const KEYWORDS: &[&str] = &[
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "group",
+        "stddev",
+        "stdvar",
+        "topk",
+        "bottomk",
+        "quantile",
+        "count_values",
+    ];
+    const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+    // String literals first (label values, which may hold `${prefix}`).
+    let mut chars = Vec::new();
+    let mut quoted = false;
+    let mut escaped = false;
+    for c in expr.chars() {
+        match (quoted, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (_, false, '"') => quoted = !quoted,
+            (false, _, c) => chars.push(c),
+            (true, false, _) => {}
+        }
+    }
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '{' || c == '[' {
+            let close = if c == '{' { '}' } else { ']' };
+            while i < chars.len() && chars[i] != close {
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        if c.is_ascii_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':') {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let mut next = i;
+            while next < chars.len() && chars[next] == ' ' {
+                next += 1;
+            }
+            let called = next < chars.len() && chars[next] == '(';
+            if GROUPING.contains(&word.as_str()) && called {
+                while i < chars.len() && chars[i] != ')' {
+                    i += 1;
+                }
+                continue;
+            }
+            // `$prefix`-style variables are not metrics.
+            let variable = start > 0 && chars[start - 1] == '$';
+            if !called && !variable && !KEYWORDS.contains(&word.as_str()) {
+                names.push(word);
+            }
+            continue;
+        }
+        if c.is_ascii_digit() {
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                i += 1;
+            }
+            continue;
+        }
+        i += 1;
+    }
+    names
+}
+
+#[test]
+fn metric_names_are_read_from_promql() {
+    assert_eq!(
+        promql_metric_names(
+            r#"histogram_quantile(0.99, sum by (le, route) (rate(http_request_duration_seconds_bucket{a="b"}[5m]))) > 0.5 or vector(0)"#
+        ),
+        ["http_request_duration_seconds_bucket"]
+    );
+    assert_eq!(
+        promql_metric_names(r#"absent(up{job="x"} == 1) or max by (service) (outbox_unowned_lanes) > 0"#),
+        ["up", "outbox_unowned_lanes"]
+    );
+    assert_eq!(promql_metric_names("sum by (consumer) (increase(x_total[10m])) > 0"), ["x_total"]);
+    assert_eq!(
+        promql_metric_names(r#"sum by (queue) (rabbitmq_q{queue=~"${prefix}\\..*", queue!~".*\\.dlq"})"#),
+        ["rabbitmq_q"]
+    );
+}
+
+/// Whether `metrics` (Prometheus text) has a sample of `name`.
+fn serves(metrics: &str, name: &str) -> bool {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .any(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_and_alerts_query_is_served_before_the_first_event() {
+    let sys = System::start(Options {
+        services_as_processes: true,
+        relays_as_processes: true,
+        relay_metrics: true,
+        ..Options::default()
+    })
+    .await;
+    let names = queried_metric_names();
+    assert!(names.contains("consumer_messages_total") && names.contains("outbox_backlog"), "{names:?}");
+    let mut ports = vec![sys.order_port, sys.processor_port];
+    ports.extend(sys.relays.iter().map(|r| r.metrics_port.unwrap()));
+    // No order is placed: every process is idle. The relays register their
+    // metrics as they start, just after their listener.
+    eventually("every queried metric is served by some process", DEADLINE, || async {
+        let mut all = String::new();
+        for port in &ports {
+            // A relay's listener may not be up yet.
+            let Ok(response) = sys.http.get(format!("http://127.0.0.1:{port}/metrics")).send().await else {
+                return false;
+            };
+            all.push_str(&response.text().await.unwrap_or_default());
+        }
+        let missing: Vec<&String> = names.iter().filter(|n| !serves(&all, n)).collect();
+        if !missing.is_empty() {
+            eprintln!("not served yet: {missing:?}");
+        }
+        missing.is_empty()
+    })
+    .await;
+
+    let processor = scrape(&sys, sys.processor_port).await;
+    for consumer in ["inventory", "payment", "shipping", "notification"] {
+        for outcome in orderflow_consumer::OUTCOMES {
+            let labels = [format!(r#"consumer="{consumer}""#), format!(r#"outcome="{outcome}""#)];
+            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+            assert!(
+                has(&processor, "consumer_messages_total", &labels),
+                "idle processor lacks {labels:?}:\n{processor}"
+            );
+        }
+    }
+    assert!(has(&processor, "notification_breaker_state 0", &[]), "{processor}");
+    let orders = scrape(&sys, sys.order_port).await;
+    assert!(has(&orders, "orders_created_total 0", &[]), "idle, and counted from zero:\n{orders}");
+    assert!(has(&orders, "consumer_messages_total", &[r#"consumer="orders""#, r#"outcome="dead_lettered""#]));
+    for relay in &sys.relays {
+        let m = scrape(&sys, relay.metrics_port.unwrap()).await;
+        for name in ["outbox_backlog", "outbox_dead_rows", "outbox_published_total", "outbox_relay_broker_up"] {
+            assert!(serves(&m, name), "relay {} lacks {name}:\n{m}", relay.id);
+        }
     }
     sys.stop().await;
 }

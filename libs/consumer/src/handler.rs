@@ -126,7 +126,11 @@ pub trait Handler: Send + Sync + 'static {
     /// It runs in a savepoint of its own; if it fails, every message is
     /// handled as if it had answered `true`. The default takes nothing and
     /// handles everything.
-    fn prepare(&self, conn: &mut Conn, batch: &[&Event]) -> impl Future<Output = diesel::QueryResult<Vec<bool>>> + Send {
+    fn prepare(
+        &self,
+        conn: &mut Conn,
+        batch: &[&Event],
+    ) -> impl Future<Output = diesel::QueryResult<Vec<bool>>> + Send {
         let _ = conn;
         let all = vec![true; batch.len()];
         async move { Ok(all) }

@@ -59,9 +59,11 @@
 mod args;
 mod error;
 mod handler;
+mod registration;
 mod runtime;
 
 pub use args::ConsumerArgs;
 pub use error::ConsumerError;
 pub use handler::{DEFER_LIMIT, Handler, HandlerError, Incoming};
+pub use registration::{OUTCOMES, describe_and_register};
 pub use runtime::{ConsumerConfig, declare, headers, prepare, prepare_at_start, run};

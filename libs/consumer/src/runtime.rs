@@ -159,6 +159,7 @@ enum SessionEnd {
 pub async fn run<H: Handler>(cfg: ConsumerConfig, pool: Pool, handler: H, shutdown: CancellationToken) {
     let ctx = Arc::new(Ctx { cfg, pool, handler });
     let consumer = ctx.cfg.spec.consumer.clone();
+    crate::describe_and_register(&consumer);
     let mut waits = backoff::reconnect(ctx.cfg.reconnect_max);
     while !shutdown.is_cancelled() {
         let mut consuming_since = None;
@@ -670,13 +671,16 @@ async fn run_chunk<H: Handler>(
         .transaction::<_, Abort, _>(async |tx| {
             tx.batch_execute(&settings).await?;
             let handled: Vec<usize> = chunk.iter().copied().filter(|&i| items[i].message.is_some()).collect();
-            let events: Vec<&Event> = handled.iter().filter_map(|&i| items[i].message.as_ref().map(|(_, e)| e)).collect();
+            let events: Vec<&Event> =
+                handled.iter().filter_map(|&i| items[i].message.as_ref().map(|(_, e)| e)).collect();
             // Even for one message: the shared rows are then always taken
             // first and without waiting, batch or not.
             let mut ready: HashSet<usize> = handled.iter().copied().collect();
             if prepare {
                 let prepared = tx
-                    .transaction::<Vec<bool>, diesel::result::Error, _>(async |sp| ctx.handler.prepare(sp, &events).await)
+                    .transaction::<Vec<bool>, diesel::result::Error, _>(async |sp| {
+                        ctx.handler.prepare(sp, &events).await
+                    })
                     .await;
                 match prepared {
                     Err(e) if classify(&e) == ErrorClass::Connection => return Err(Abort(e)),

@@ -239,33 +239,59 @@ pub async fn replay(
     operator: &str,
     reason: Option<&str>,
 ) -> QueryResult<Vec<Candidate>> {
+    replay_with_progress(conn, scope, sel, operator, reason, |_, _| {}).await
+}
+
+/// Rows reset per statement of a replay: progress is reported between them.
+pub const REPLAY_CHUNK: usize = 1000;
+
+/// Like [`replay`], calling `progress(done, total)` once the selection is
+/// known (`done` 0) and after each [`REPLAY_CHUNK`] rows are reset. It is
+/// still one transaction: all or nothing, one record.
+pub async fn replay_with_progress(
+    conn: &mut Conn,
+    scope: Scope,
+    sel: &Selector,
+    operator: &str,
+    reason: Option<&str>,
+    mut progress: impl FnMut(usize, usize) + Send,
+) -> QueryResult<Vec<Candidate>> {
     conn.transaction(async |tx| {
         let seen: Vec<i64> = selected(scope, sel).select(outbox::id).load(tx).await?;
         if seen.is_empty() {
             return Ok(Vec::new());
         }
-        // The update locks each row and re-checks it: a row the relay
-        // publishes while we wait for its lock is left alone.
-        let target = outbox::table.filter(outbox::id.eq_any(&seen));
-        let reset = (
-            outbox::dead_at.eq(None::<DateTime<Utc>>),
-            outbox::published_at.eq(None::<DateTime<Utc>>),
-            outbox::attempts.eq(0),
-            outbox::next_attempt_at.eq(diesel::dsl::now),
-        );
-        let mut rows: Vec<Candidate> = if scope == Scope::Published {
-            diesel::update(target.filter(outbox::published_at.is_not_null()))
-                .set(reset)
-                .returning(Candidate::as_returning())
-                .get_results(tx)
-                .await?
-        } else {
-            diesel::update(target.filter(outbox::published_at.is_null()))
-                .set(reset)
-                .returning(Candidate::as_returning())
-                .get_results(tx)
-                .await?
-        };
+        progress(0, seen.len());
+        let mut rows: Vec<Candidate> = Vec::with_capacity(seen.len());
+        let mut looked = 0;
+        // In chunks, so a large selection reports progress; each update
+        // locks its rows and re-checks them: a row the relay publishes
+        // while we wait for its lock is left alone.
+        for chunk in seen.chunks(REPLAY_CHUNK) {
+            let target = outbox::table.filter(outbox::id.eq_any(chunk));
+            let reset = (
+                outbox::dead_at.eq(None::<DateTime<Utc>>),
+                outbox::published_at.eq(None::<DateTime<Utc>>),
+                outbox::attempts.eq(0),
+                outbox::next_attempt_at.eq(diesel::dsl::now),
+            );
+            let done: Vec<Candidate> = if scope == Scope::Published {
+                diesel::update(target.filter(outbox::published_at.is_not_null()))
+                    .set(reset)
+                    .returning(Candidate::as_returning())
+                    .get_results(tx)
+                    .await?
+            } else {
+                diesel::update(target.filter(outbox::published_at.is_null()))
+                    .set(reset)
+                    .returning(Candidate::as_returning())
+                    .get_results(tx)
+                    .await?
+            };
+            rows.extend(done);
+            looked += chunk.len();
+            progress(looked, seen.len());
+        }
         rows.sort_by_key(|r| r.id);
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let selector = serde_json::json!({ "scope": scope, "selector": sel });

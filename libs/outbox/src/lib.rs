@@ -13,6 +13,7 @@ pub mod admin;
 pub mod backoff;
 mod failpoint;
 mod limits;
+mod registration;
 pub mod relay;
 mod row;
 mod waker;
@@ -20,6 +21,7 @@ mod writer;
 
 pub use failpoint::failpoint;
 pub use limits::{DEFAULT_MAX_MESSAGE_BYTES, Limits, MAX_EVENT_TYPE_BYTES, MAX_HEADER_BYTES, Unpublishable};
+pub use registration::describe_and_register;
 pub use row::{OutboxHeaders, PendingRow};
 pub use waker::{Waker, notify};
 pub use writer::{NOTIFY_CHANNEL, append, append_with, emit};

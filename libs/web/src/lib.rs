@@ -25,6 +25,7 @@ mod health;
 pub mod integer;
 mod observe;
 mod problem;
+mod registration;
 pub mod schema;
 mod service;
 
@@ -34,6 +35,7 @@ pub use error::ApiError;
 pub use health::{Readiness, health, metrics, ready};
 pub use observe::{TraceContextRootSpan, http_metrics};
 pub use problem::{FieldError, Problem, extractor_errors, not_found_fallback};
+pub use registration::describe_and_register;
 pub use service::{Service, StartupError, bind, http_server, operational_routes, run};
 
 use tokio_util::sync::CancellationToken;

@@ -52,7 +52,7 @@ where
     use utoipa_actix_web::AppExt;
 
     let (listener, port) = bind(addr)?;
-    orderflow_telemetry::metrics();
+    crate::describe_and_register();
     let server = HttpServer::new(move || {
         let (app, openapi) = App::new()
             .into_utoipa_app()

@@ -253,6 +253,7 @@ pub async fn run_with(cfg: RelayConfig, shutdown: CancellationToken, health: Hea
     let mut broker_backoff = backoff::reconnect(cfg.reconnect_max);
     // Rows still to send one at a time after a refusal (see the module docs).
     let mut careful = 0usize;
+    crate::describe_and_register();
     health.set_broker(false);
     health.set_database(false);
     info!(relay = %cfg.relay_id, exchange = %cfg.topology.events_exchange(), "relay starting");
