@@ -72,7 +72,7 @@ pub struct OrderView {
 
 impl From<Order> for OrderView {
     fn from(o: Order) -> Self {
-        let status = o.row.status();
+        let status = o.row.status;
         Self {
             order_id: o.row.id,
             customer_id: o.row.customer_id,
@@ -400,7 +400,7 @@ pub async fn cancel_order(
             }
             Cancelled::Already(o) => o,
             Cancelled::Refused(o) => {
-                let detail = match o.row.status() {
+                let detail = match o.row.status {
                     OrderStatus::Confirmed => format!(
                         "order {id} is already shipped (tracking {}); it can no longer be cancelled",
                         o.row.tracking_number.as_deref().unwrap_or("?")

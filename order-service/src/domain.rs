@@ -15,7 +15,23 @@ use uuid::Uuid;
 
 /// Where an order is. `pending` until the pipeline decides; the other three
 /// are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+///
+/// Read from the database as itself: a stored status this build does not
+/// know is an error (the column has a CHECK), never taken for another.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    ToSchema,
+    diesel::expression::AsExpression,
+    diesel::deserialize::FromSqlRow,
+)]
+#[diesel(sql_type = diesel::sql_types::Text)]
 #[serde(rename_all = "lowercase")]
 pub enum OrderStatus {
     /// Accepted, moving through stock, payment and shipping.
@@ -37,6 +53,22 @@ impl OrderStatus {
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
         }
+    }
+}
+
+impl diesel::deserialize::FromSql<diesel::sql_types::Text, diesel::pg::Pg> for OrderStatus {
+    fn from_sql(bytes: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
+        let text = <String as diesel::deserialize::FromSql<diesel::sql_types::Text, diesel::pg::Pg>>::from_sql(bytes)?;
+        Ok(text.parse::<Self>()?)
+    }
+}
+
+impl diesel::serialize::ToSql<diesel::sql_types::Text, diesel::pg::Pg> for OrderStatus {
+    fn to_sql<'b>(&'b self, out: &mut diesel::serialize::Output<'b, '_, diesel::pg::Pg>) -> diesel::serialize::Result {
+        <str as diesel::serialize::ToSql<diesel::sql_types::Text, diesel::pg::Pg>>::to_sql(
+            self.as_str(),
+            &mut out.reborrow(),
+        )
     }
 }
 

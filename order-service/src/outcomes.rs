@@ -71,7 +71,7 @@ impl Handler for Outcomes {
             }
             other => return Err(HandlerError::Permanent(format!("orders does not consume {}", other.event_type()))),
         };
-        if row.status() != OrderStatus::Pending {
+        if row.status != OrderStatus::Pending {
             // Already final: a late, duplicate-by-content or raced outcome.
             // E.g. a shipment created after the customer cancelled; the
             // processor compensates when it gets `order.cancelled`.

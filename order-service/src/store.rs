@@ -22,7 +22,7 @@ use crate::schema::{order_items, order_timeline, orders};
 pub struct OrderRow {
     pub id: String,
     pub customer_id: String,
-    pub status: String,
+    pub status: OrderStatus,
     pub total_amount: i64,
     pub force_fail: bool,
     pub fail_reason: Option<String>,
@@ -32,13 +32,6 @@ pub struct OrderRow {
     pub request_hash: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-}
-
-impl OrderRow {
-    /// The status, parsed (the column has a CHECK constraint).
-    pub fn status(&self) -> OrderStatus {
-        self.status.parse().unwrap_or(OrderStatus::Pending)
-    }
 }
 
 /// A stored line.
@@ -318,7 +311,7 @@ pub async fn cancel(conn: &mut Conn, id: &str, reason: Option<&str>, meta: &Meta
     let Some(order) = get(conn, id).await? else {
         return Ok(Cancelled::NotFound);
     };
-    match order.row.status() {
+    match order.row.status {
         OrderStatus::Cancelled => return Ok(Cancelled::Already(order)),
         OrderStatus::Confirmed | OrderStatus::Failed => return Ok(Cancelled::Refused(order)),
         OrderStatus::Pending => {}
