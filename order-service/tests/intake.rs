@@ -55,14 +55,13 @@ async fn enqueue(intake: &Intake, order: NewOrder) -> JoinHandle<Result<Created,
     handle
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_that_wait_share_one_commit_and_each_gets_its_own_answer() {
-    let db = TestDb::new(Some(order_service::MIGRATIONS)).await;
-    let waker = orderflow_outbox::Waker::start(&db.url, CancellationToken::new());
-    let intake = Intake::start(db.pool.clone(), waker, 1, 64);
-
-    // Hold the one writer: its first order waits on a row this test is
-    // inserting with the same id and has not committed.
+/// Holds the intake's one writer: its first order ("first") waits on a row
+/// this test is inserting with the same id and has not committed. Roll the
+/// returned connection back to let it go.
+async fn hold_the_writer(
+    db: &TestDb,
+    intake: &Intake,
+) -> (orderflow_db::PooledConn, JoinHandle<Result<Created, String>>) {
     let mut blocker = db.pool.get().await.unwrap();
     blocker
         .batch_execute(
@@ -86,6 +85,16 @@ async fn requests_that_wait_share_one_commit_and_each_gets_its_own_answer() {
             == 1
     })
     .await;
+    (blocker, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_wait_share_one_commit_and_each_gets_its_own_answer() {
+    let db = TestDb::new(Some(order_service::MIGRATIONS)).await;
+    let waker = orderflow_outbox::Waker::start(&db.url, CancellationToken::new());
+    let intake = Intake::start(db.pool.clone(), waker, 1, 64);
+
+    let (mut blocker, first) = hold_the_writer(&db, &intake).await;
 
     // Meanwhile: ten new orders, the same POST again, and a different body
     // under a taken id, all queued behind the writer.
@@ -145,29 +154,7 @@ async fn an_order_the_database_refuses_fails_alone_and_its_batch_is_written() {
     let waker = orderflow_outbox::Waker::start(&db.url, CancellationToken::new());
     let intake = Intake::start(db.pool.clone(), waker, 1, 64);
 
-    let mut blocker = db.pool.get().await.unwrap();
-    blocker
-        .batch_execute(
-            "BEGIN; INSERT INTO orders (id, customer_id, status, total_amount, force_fail, request_hash) \
-             VALUES ('first', 'someone', 'pending', 1, false, 'x')",
-        )
-        .await
-        .unwrap();
-    let first = {
-        let i = intake.clone();
-        tokio::spawn(
-            async move { i.create(order("first", "alice"), Metadata::default()).await.map_err(|e| e.to_string()) },
-        )
-    };
-    eventually("the writer waits on the uncommitted row", DEADLINE, || async {
-        count(
-            &db.pool,
-            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .await
-            == 1
-    })
-    .await;
+    let (mut blocker, first) = hold_the_writer(&db, &intake).await;
     // An id the table's CHECK refuses (validation would have: this order
     // stands for anything the database refuses that validation let through).
     let mut bad = order("ok-1", "carol");

@@ -9,10 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use orderflow_broker::QueueSpec;
 use orderflow_broker::lapin::options::BasicPublishOptions;
-use orderflow_broker::lapin::types::{AMQPValue, FieldTable, LongString};
-use orderflow_broker::properties_for;
+use orderflow_broker::{QueueSpec, properties_for};
 use orderflow_envelope::Envelope;
 use orderflow_testkit::{TestBroker, TestDb};
 use serde_json::Value;
@@ -38,18 +36,6 @@ fn has_fields(value: &Value, fields: &[&str], what: &str) {
 /// Lines of progress (`what: n/m`) in a command's stderr.
 fn progress_lines<'a>(stderr: &'a str, what: &str) -> Vec<&'a str> {
     stderr.lines().filter(|l| l.starts_with(&format!("{what}: "))).collect()
-}
-
-async fn dead_letter(channel: &orderflow_broker::lapin::Channel, queue: &str, env: &Envelope, error: &str) {
-    let mut headers = FieldTable::default();
-    headers.insert("x-orderflow-error".into(), AMQPValue::LongString(LongString::from(error)));
-    let props = properties_for(env).with_headers(headers);
-    channel
-        .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &env.to_vec(), props)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

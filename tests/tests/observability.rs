@@ -19,15 +19,20 @@ fn has(metrics: &str, name: &str, labels: &[&str]) -> bool {
         .any(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_process_serves_prometheus_metrics() {
-    let sys = System::start(Options {
+/// Every part as a process, each relay with its own /metrics port.
+async fn processes_with_metrics() -> System {
+    System::start(Options {
         services_as_processes: true,
         relays_as_processes: true,
         relay_metrics: true,
         ..Options::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_serves_prometheus_metrics() {
+    let sys = processes_with_metrics().await;
     let id = sys.place(&order_body("metrics", &[("SKU-1", 1, 2499)])).await;
     assert_eq!(sys.wait_final(&id).await["status"], "confirmed");
     let bad = sys.http.post(sys.order_url("/orders")).json(&serde_json::json!({})).send().await.unwrap();
@@ -219,13 +224,7 @@ fn serves(metrics: &str, name: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_and_alerts_query_is_served_before_the_first_event() {
-    let sys = System::start(Options {
-        services_as_processes: true,
-        relays_as_processes: true,
-        relay_metrics: true,
-        ..Options::default()
-    })
-    .await;
+    let sys = processes_with_metrics().await;
     let names = queried_metric_names();
     assert!(names.contains("consumer_messages_total") && names.contains("outbox_backlog"), "{names:?}");
     let mut ports = vec![sys.order_port, sys.processor_port];
