@@ -16,7 +16,8 @@ fi
 DBS="$HOME/.cache/orderflow/advisory-dbs"
 # cargo-deny's default database lives under this name inside db-path.
 DB="$DBS/advisory-db-3157b0e258782691"
-SNAPSHOT=$(ls ../shared/rustsec/advisory-db-*.tar.gz 2>/dev/null | sort | tail -n1 || true)
+# RUSTSEC_SNAPSHOT names a snapshot elsewhere (a clone outside the workplace).
+SNAPSHOT=${RUSTSEC_SNAPSHOT:-$(ls ../shared/rustsec/advisory-db-*.tar.gz 2>/dev/null | sort | tail -n1 || true)}
 if timeout 10 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
   echo "advisories: live RustSec database"
   rm -rf "$DB"
@@ -38,8 +39,13 @@ elif [[ -n "$SNAPSHOT" ]]; then
   fi
   echo "advisories: offline RustSec snapshot ${stamp#advisory-db-} ($SNAPSHOT)"
   OFFLINE=(--offline)
+elif compgen -G "$DB/.snapshot-*" >/dev/null; then
+  # A snapshot unpacked by an earlier run on this machine.
+  stamp=$(basename "$(ls "$DB"/.snapshot-* | sort | tail -n1)")
+  echo "advisories: offline RustSec snapshot ${stamp#.snapshot-advisory-db-} (cached in $DB)"
+  OFFLINE=(--offline)
 else
-  echo "advisories: no RustSec database reachable and no snapshot in ../shared/rustsec" >&2
+  echo "advisories: no RustSec database reachable and no snapshot in ../shared/rustsec: set RUSTSEC_SNAPSHOT=/path/to/advisory-db-DATE.tar.gz" >&2
   exit 1
 fi
 cargo fetch --locked >/dev/null
