@@ -33,7 +33,9 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
     let waker = orderflow_outbox::Waker::start(&cfg.database_url, shutdown.child_token());
     let mut consumer_cfg = cfg.consumer.config(outcomes::CONSUMER, outcomes::BINDINGS);
     consumer_cfg.waker = waker.clone();
-    orderflow_consumer::prepare_at_start(&consumer_cfg).await.map_err(|e| StartupError::Other(e.to_string()))?;
+    orderflow_consumer::prepare_at_start(&consumer_cfg)
+        .await
+        .map_err(|e| StartupError::step("declaring the consumer's queues")(e.into()))?;
     let readiness = Readiness::new(pool.clone(), vec![(outcomes::CONSUMER.to_owned(), consumer_cfg.connected.clone())]);
     let consumer = tokio::spawn(orderflow_consumer::run(consumer_cfg, pool.clone(), Outcomes, shutdown.child_token()));
 

@@ -37,10 +37,10 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
     let pool =
         orderflow_db::open(&cfg.database_url, usize::from(cfg.db_pool_size), cfg.create_database, MIGRATIONS).await?;
     {
-        let mut conn = pool.get().await.map_err(|e| StartupError::Other(format!("database: {e}")))?;
+        let mut conn = pool.get().await.map_err(|e| StartupError::step("connecting to the database")(e.into()))?;
         let added = crate::catalog::seed(&mut conn, &cfg.catalog.0)
             .await
-            .map_err(|e| StartupError::Other(format!("seeding the catalog: {e}")))?;
+            .map_err(|e| StartupError::step("seeding the catalog")(e.into()))?;
         tracing::info!(added, catalog = cfg.catalog.0.len(), "catalog seeded");
     }
 
@@ -63,7 +63,9 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
         };
         let mut consumer_cfg = cfg.consumer.config(consumer, bindings);
         consumer_cfg.waker = waker.clone();
-        orderflow_consumer::prepare_at_start(&consumer_cfg).await.map_err(|e| StartupError::Other(e.to_string()))?;
+        orderflow_consumer::prepare_at_start(&consumer_cfg)
+            .await
+            .map_err(|e| StartupError::step("declaring the consumers' queues")(e.into()))?;
         let token = shutdown.child_token();
         if !cfg.stages.contains(&stage) {
             tasks.push(tokio::spawn(async move { orderflow_consumer::declare(&consumer_cfg, &token).await }));
@@ -95,7 +97,7 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
                     poll_interval: cfg.notify_poll_interval,
                 };
                 let dispatcher = Dispatcher::new(pool.clone(), cfg.database_url.clone(), webhook, breaker.clone())
-                    .map_err(|e| StartupError::Other(format!("webhook client: {e}")))?;
+                    .map_err(|e| StartupError::step("building the webhook client")(e.into()))?;
                 tasks.push(tokio::spawn(dispatcher.run(shutdown.child_token())));
             }
             None => tracing::warn!("NOTIFY_WEBHOOK_URL is not set: notifications are recorded but not delivered"),

@@ -20,9 +20,22 @@ pub enum StartupError {
         /// Why.
         source: io::Error,
     },
-    /// Seeding or another start-up step failed.
-    #[error("{0}")]
-    Other(String),
+    /// A start-up step (declaring queues, seeding the catalog, building a
+    /// client) failed; the message says which and why.
+    #[error("{step}: {source}")]
+    Step {
+        /// What was being done.
+        step: &'static str,
+        /// Why it failed.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StartupError {
+    /// A failed start-up `step`, keeping its error as the source.
+    pub fn step(step: &'static str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Self {
+        move |source| Self::Step { step, source }
+    }
 }
 
 /// Binds `addr`, returning the listener and the port actually bound (for
