@@ -27,6 +27,15 @@ impl Reconnect {
     }
 }
 
+/// The wait before retry number `n` (0 for the first) of something that
+/// failed: `base` doubling per retry up to `max`, jittered. The one formula
+/// of the platform: the relay's refused rows, notifications, and (with a
+/// 100 ms base) [`reconnect`].
+pub fn nth(n: u32, base: Duration, max: Duration) -> Duration {
+    let mut waits = ExponentialBuilder::default().with_min_delay(base).with_max_delay(max).without_max_times().build();
+    jitter(waits.nth(n.min(64) as usize).unwrap_or(max))
+}
+
 /// `d` scaled by a random factor in [0.5, 1.5), so that many relays, consumers
 /// or rows failing together do not retry in lockstep. (backon's own jitter
 /// only adds, up to doubling the wait past its cap.)
@@ -37,6 +46,19 @@ pub fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nth_doubles_from_the_base_up_to_the_cap_within_jitter() {
+        let (base, max) = (Duration::from_millis(500), Duration::from_secs(5));
+        for (n, ms) in [(0, 500), (1, 1000), (2, 2000), (3, 4000), (4, 5000), (40, 5000)] {
+            let expected = Duration::from_millis(ms);
+            let wait = nth(n, base, max);
+            assert!(
+                wait >= expected.mul_f64(0.5) && wait < expected.mul_f64(1.5),
+                "retry {n}: {wait:?} for {expected:?}"
+            );
+        }
+    }
 
     #[test]
     fn doubles_up_to_the_cap_within_jitter() {

@@ -214,13 +214,8 @@ impl Dispatcher {
                 }
                 Err(e) => {
                     let attempts = n.attempts + 1;
-                    let exp = 2u32.saturating_pow(attempts.clamp(0, 30) as u32 - 1);
-                    let backoff = self
-                        .cfg
-                        .retry_base
-                        .saturating_mul(exp)
-                        .min(self.cfg.retry_max)
-                        .mul_f64(0.5 + rand::random::<f64>());
+                    let retry = (attempts - 1).max(0).unsigned_abs();
+                    let backoff = orderflow_outbox::backoff::nth(retry, self.cfg.retry_base, self.cfg.retry_max);
                     let status = if attempts >= self.cfg.max_attempts { "failed" } else { "pending" };
                     tracing::warn!(id = %n.id, attempts, retry_in = ?backoff, error = %e, "notification not delivered");
                     diesel::update(notifications::table.find(n.id))

@@ -5,7 +5,6 @@ use orderflow_db::Conn;
 use super::RelayConfig;
 use super::publisher::Outcome;
 use crate::PendingRow;
-use crate::backoff::jitter;
 
 /// Claims up to `limit` due rows of `lanes`, in id order, locking them.
 ///
@@ -100,6 +99,5 @@ pub(crate) async fn mark(
 /// Backoff of a row after its `attempts`-th failure: base × 2^attempts,
 /// capped, with jitter.
 fn backoff(attempts: i32, cfg: &RelayConfig) -> std::time::Duration {
-    let exp = 2u32.saturating_pow(attempts.clamp(0, 30) as u32);
-    jitter(cfg.retry_base.saturating_mul(exp).min(cfg.retry_max))
+    crate::backoff::nth(attempts.max(0).unsigned_abs(), cfg.retry_base, cfg.retry_max)
 }
