@@ -56,8 +56,10 @@ start order-service "$BIN/order-service" --database-url "$ORDERS_DB"
 wait_healthy order-service http://127.0.0.1:8000/health
 start processor-service "$BIN/processor-service" --database-url "$PROCESSOR_DB"
 wait_healthy processor-service http://127.0.0.1:8001/health
-start relay-orders "$BIN/outbox-relay" run --database-url "$ORDERS_DB" --relay-id orders-1 --metrics-addr 127.0.0.1:9100
-start relay-processor "$BIN/outbox-relay" run --database-url "$PROCESSOR_DB" --relay-id processor-1 --metrics-addr 127.0.0.1:9101
+start relay-orders "$BIN/outbox-relay" run --database-url "$ORDERS_DB" --relay-id orders-1 --metrics-addr 127.0.0.1:9100 \
+  --consumers-file contracts/consumers.json --consumer orders
+start relay-processor "$BIN/outbox-relay" run --database-url "$PROCESSOR_DB" --relay-id processor-1 --metrics-addr 127.0.0.1:9101 \
+  --consumers-file contracts/consumers.json --consumer inventory,payment,shipping,notification
 wait_healthy relay-orders http://127.0.0.1:9100/health
 wait_healthy relay-processor http://127.0.0.1:9101/health
 

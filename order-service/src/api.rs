@@ -3,8 +3,9 @@
 use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncConnection;
+use orderflow_contracts::Money;
 use orderflow_db::{Conn, Pool};
-use orderflow_envelope::{Metadata, Money};
+use orderflow_envelope::Metadata;
 use orderflow_web::{ApiError, Problem, json_body};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
-use orderflow_envelope::Money;
-use orderflow_envelope::events::LineItem;
+use orderflow_contracts::Money;
+use orderflow_contracts::events::LineItem;
 use orderflow_web::FieldError;
 use orderflow_web::schema::valid_id;
 use serde::{Deserialize, Serialize};

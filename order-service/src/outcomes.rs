@@ -4,9 +4,9 @@
 use diesel::result::DatabaseErrorKind;
 use diesel::result::Error::DatabaseError;
 use orderflow_consumer::{Handler, HandlerError, Incoming};
+use orderflow_contracts::Money;
+use orderflow_contracts::events::{Event, OrderConfirmed, OrderFailed};
 use orderflow_db::Conn;
-use orderflow_envelope::Money;
-use orderflow_envelope::events::{Event, OrderConfirmed, OrderFailed};
 
 use crate::domain::OrderStatus;
 use crate::store::{self, Change};
@@ -30,7 +30,9 @@ pub const BINDINGS: &[&str] = &[
 pub struct Outcomes;
 
 impl Handler for Outcomes {
-    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+    type Event = Event;
+
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, Event>) -> Result<(), HandlerError> {
         let order_id = msg.event.order_id();
         if matches!(
             msg.event,

@@ -143,7 +143,7 @@ pub async fn create_many(conn: &mut Conn, new: &[(&NewOrder, &Metadata)]) -> Que
     let mut events = Vec::with_capacity(fresh.len());
     for i in &fresh {
         let (order, meta) = new[*i];
-        let event = orderflow_envelope::events::OrderCreated {
+        let event = orderflow_contracts::events::OrderCreated {
             order_id: order.id.clone(),
             customer_id: order.customer_id.clone(),
             items: order.items.clone(),
@@ -321,7 +321,7 @@ pub async fn cancel(conn: &mut Conn, id: &str, reason: Option<&str>, meta: &Meta
     if !update(conn, id, order.row.version, change).await? {
         return Ok(Cancelled::Raced);
     }
-    let event = orderflow_envelope::events::OrderCancelled {
+    let event = orderflow_contracts::events::OrderCancelled {
         order_id: id.to_owned(),
         customer_id: order.row.customer_id.clone(),
         reason: reason.map(str::to_owned),

@@ -33,8 +33,8 @@ use orderflow_broker::lapin::options::{
 };
 use orderflow_broker::lapin::types::FieldTable;
 use orderflow_broker::{QueueSpec, properties_for};
+use orderflow_contracts::events::PaymentDeclined;
 use orderflow_db::{Conn, Pool};
-use orderflow_envelope::events::PaymentDeclined;
 use orderflow_envelope::{Envelope, Metadata};
 use orderflow_outbox::Waker;
 use orderflow_testkit::{TestBroker, TestDb};

@@ -1,11 +1,11 @@
 //! The command line.
 
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use orderflow_telemetry::LogArgs;
+use orderflow_web::AdminToken;
 
 /// orderflow outbox relay and operator CLI.
 #[derive(Debug, Parser)]
@@ -39,9 +39,9 @@ pub enum Command {
     /// Show the topology on the broker: the exchange, and per consumer its queue, bindings,
     /// delivery limit, retry tiers (delay queues) and dead-letter queue, with message counts.
     ///
-    /// Each value says where it comes from: the broker (passive declares), the pipeline
-    /// catalog compiled in, the consumer settings shared with the services (CONSUMER_*), or
-    /// the platform's naming rules.
+    /// Each value says where it comes from: the broker (passive declares), the consumer
+    /// catalog file (--consumers-file), the consumer settings shared with the services
+    /// (CONSUMER_*), or the platform's naming rules.
     Describe(DescribeArgs),
     /// Print a shell completion script, e.g. `outbox-relay completions bash > /etc/bash_completion.d/outbox-relay`.
     Completions(CompletionsArgs),
@@ -175,9 +175,9 @@ pub struct DlqListArgs {
     /// Broker and prefix.
     #[command(flatten)]
     pub broker: BrokerTarget,
-    /// Consumers to look at (default: every orderflow consumer).
-    #[arg(long = "consumer", value_delimiter = ',', default_value = crate::catalog::CONSUMER_NAMES)]
-    pub consumers: Vec<String>,
+    /// Which consumers.
+    #[command(flatten)]
+    pub consumers: crate::catalog::ConsumerArgs,
     /// Print JSON instead of text (field names are stable; see README, "Operator commands").
     #[arg(long)]
     pub json: bool,
@@ -238,9 +238,9 @@ pub struct DescribeArgs {
     /// Broker and prefix.
     #[command(flatten)]
     pub broker: BrokerTarget,
-    /// Consumers to describe (default: every orderflow consumer).
-    #[arg(long = "consumer", value_delimiter = ',', default_value = crate::catalog::CONSUMER_NAMES)]
-    pub consumers: Vec<String>,
+    /// Which consumers.
+    #[command(flatten)]
+    pub consumers: crate::catalog::ConsumerArgs,
     /// The retry delays the services run with (their delay queues are named by them); the
     /// services' setting and default.
     #[arg(long, env = "CONSUMER_RETRY_DELAYS", default_value = "1s,5s,30s", value_delimiter = ',', value_parser = orderflow_telemetry::args::positive_duration)]
@@ -344,7 +344,7 @@ pub struct RunArgs {
     pub metrics_addr: MetricsAddr,
     /// The operator console (/console on the metrics address) and what it needs.
     #[command(flatten)]
-    pub console: crate::console::ConsoleArgs,
+    pub console: ConsoleArgs,
 }
 
 /// Where the relay serves /metrics, if anywhere.
@@ -358,86 +358,34 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
     s.parse().map(|a| MetricsAddr(Some(a))).map_err(|e| format!("{e} (example: 127.0.0.1:9100, or off)"))
 }
 
-/// Entry point of the binary.
-pub fn main() -> ExitCode {
-    let mut cli = Cli::parse();
-    // Completions and man pages need no runtime, logs or services.
-    match &cli.command {
-        Command::Completions(args) => return completions(args.shell),
-        Command::Man(args) => return man(args),
-        // Operator commands ask the broker about queues that may not exist
-        // (a passive declare), and the broker answers by closing that
-        // channel, which lapin logs as an error: expected here, not news.
-        Command::Run(_) => {}
-        _ if !cli.log.log_filter.contains("lapin::channel") => cli.log.log_filter.push_str(",lapin::channel=off"),
-        _ => {}
-    }
-    // The relay's logs and the operator commands' diagnostics go to stderr:
-    // stdout is what `status`, `replay` and `dlq` print for people and scripts.
-    let _telemetry = match orderflow_telemetry::init(&cli.log, orderflow_telemetry::LogTo::Stderr, "outbox-relay") {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("outbox-relay: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("outbox-relay: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Run(args) => crate::run::run(args).await,
-            Command::Status(args) => crate::ops::status(args).await,
-            Command::Replay(args) => crate::ops::replay(args).await,
-            Command::Replays(args) => crate::ops::replays(args).await,
-            Command::Dlq(DlqCommand::List(args)) => crate::dlq::list(args).await,
-            Command::Dlq(DlqCommand::Show(args)) => crate::dlq::show(args).await,
-            Command::Dlq(DlqCommand::Requeue(args)) => crate::dlq::requeue(args).await,
-            Command::Describe(args) => crate::describe::describe(args).await,
-            Command::Completions(_) | Command::Man(_) => Ok(()),
-        }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("outbox-relay: {e:#}");
-            ExitCode::FAILURE
-        }
+/// Options of the console (part of `outbox-relay run`).
+#[derive(Debug, Clone, Args)]
+pub struct ConsoleArgs {
+    /// Token the console's actions (replay, requeue) require, as the `token` form field or
+    /// `Authorization: Bearer`; unset, the console at /console is read-only.
+    #[arg(long = "admin-token", env = "RELAY_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
+    pub admin_token: Option<AdminToken>,
+    /// Consumers whose dead-letter queues the console shows.
+    #[command(flatten)]
+    pub consumers: crate::catalog::ConsumerArgs,
+}
+
+impl ConsoleArgs {
+    /// Whether the console allows actions (a non-blank token is configured).
+    pub fn is_writable(&self) -> bool {
+        self.admin_token.as_ref().is_some_and(AdminToken::is_set)
     }
 }
 
-/// `outbox-relay completions <shell>`: the script on stdout.
-fn completions(shell: clap_complete::Shell) -> ExitCode {
-    let mut cmd = Cli::command();
-    clap_complete::generate(shell, &mut cmd, "outbox-relay", &mut std::io::stdout());
-    ExitCode::SUCCESS
-}
-
-/// `outbox-relay man`: the main page on stdout, or every page into a directory.
-fn man(args: &ManArgs) -> ExitCode {
-    let cmd = Cli::command();
-    let written = match &args.out_dir {
-        Some(dir) => std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(cmd, dir)),
-        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
-    };
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        // `outbox-relay man | head`.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("outbox-relay: cannot write the man page: {e}");
-            ExitCode::FAILURE
-        }
-    }
+fn parse_token(s: &str) -> Result<AdminToken, String> {
+    Ok(AdminToken::new(Some(s.to_owned())))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use clap::CommandFactory;
+
     use super::*;
 
     #[test]

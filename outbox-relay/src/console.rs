@@ -30,7 +30,6 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use clap::Args;
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use orderflow_broker::header_str;
 use orderflow_broker::lapin::message::Delivery;
@@ -39,10 +38,7 @@ use orderflow_outbox::admin::{self, Candidate, Scope, Selector};
 use orderflow_web::{AdminToken, FieldError, Problem};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
-use crate::cli::{BrokerTarget, DbTarget, DlqRequeueArgs, Record};
-
-/// The consumers whose dead-letter queues the console shows by default.
-pub const DEFAULT_CONSUMERS: &str = "orders,inventory,payment,shipping,notification";
+use crate::cli::{BrokerTarget, ConsoleArgs, DbTarget, DlqRequeueArgs, Record};
 
 /// Longest a page or an action may take (database and broker included);
 /// past it the console answers 503 instead of hanging.
@@ -57,34 +53,6 @@ const ORDER_FIELD: &str = "order_id";
 const MAX_OPERATOR: usize = 100;
 const MAX_REASON: usize = 1000;
 
-/// Options of the console (part of `outbox-relay run`).
-#[derive(Debug, Clone, Args)]
-pub struct ConsoleArgs {
-    /// Token the console's actions (replay, requeue) require, as the `token` form field or
-    /// `Authorization: Bearer`; unset, the console at /console is read-only.
-    #[arg(long = "admin-token", env = "RELAY_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
-    pub admin_token: Option<AdminToken>,
-    /// Consumers whose dead-letter queues the console shows.
-    #[arg(
-        long = "console-consumer",
-        env = "RELAY_CONSOLE_CONSUMERS",
-        value_delimiter = ',',
-        default_value = DEFAULT_CONSUMERS
-    )]
-    pub consumers: Vec<String>,
-}
-
-impl ConsoleArgs {
-    /// Whether the console allows actions (a non-blank token is configured).
-    pub fn is_writable(&self) -> bool {
-        self.admin_token.as_ref().is_some_and(AdminToken::is_set)
-    }
-}
-
-fn parse_token(s: &str) -> Result<AdminToken, String> {
-    Ok(AdminToken::new(Some(s.to_owned())))
-}
-
 /// What the console's handlers share.
 #[derive(Debug, Clone)]
 pub(crate) struct Console {
@@ -96,13 +64,10 @@ pub(crate) struct Console {
 
 impl Console {
     /// The console of a relay on `database_url` and the broker `broker`.
-    pub(crate) fn new(database_url: String, broker: BrokerTarget, args: ConsoleArgs) -> Self {
-        Self {
-            database_url,
-            broker,
-            token: args.admin_token.unwrap_or_default(),
-            consumers: args.consumers.into_iter().map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()).collect(),
-        }
+    /// Fails when the consumer catalog file cannot be read.
+    pub(crate) fn new(database_url: String, broker: BrokerTarget, args: ConsoleArgs) -> anyhow::Result<Self> {
+        let consumers = args.consumers.resolve()?.into_iter().map(|c| c.name).collect();
+        Ok(Self { database_url, broker, token: args.admin_token.unwrap_or_default(), consumers })
     }
 
     /// Whether actions are possible at all (a token is configured).
@@ -551,7 +516,7 @@ fn known_consumer(console: &Console, consumer: &str) -> Result<(), Problem> {
         Ok(())
     } else {
         Err(Problem::not_found(format!(
-            "no consumer {consumer:?} here; the console shows {} (RELAY_CONSOLE_CONSUMERS)",
+            "no consumer {consumer:?} here; the console shows {} (RELAY_CONSUMERS, RELAY_CONSUMERS_FILE)",
             console.consumers.join(", ")
         )))
     }

@@ -7,7 +7,7 @@
 //! bindings are reported by its management API alone, which need not be
 //! enabled. So every value says where it comes from (see [`SOURCES`]): what
 //! the broker reports now, the platform's naming rules (libs/broker
-//! `Topology`), the pipeline catalog compiled into this binary, or the
+//! `Topology`), the consumer catalog file (`--consumers-file`), or the
 //! consumer settings shared with the services (`CONSUMER_*`).
 
 use std::fmt::Write;
@@ -28,8 +28,9 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("broker", "read from RabbitMQ now by a passive declare: whether it exists, ready messages, consumers"),
     (
         "catalog",
-        "the pipeline's consumers and bindings compiled into outbox-relay (a test keeps them equal to the services'); \
-         RabbitMQ reports bindings only through its management API",
+        "the consumer catalog file (--consumers-file / RELAY_CONSUMERS_FILE; the order pipeline's is \
+         contracts/consumers.json, which a test keeps equal to the services'); RabbitMQ reports bindings only \
+         through its management API",
     ),
     (
         "config",
@@ -86,7 +87,7 @@ struct DeadLetterQueue {
 struct ConsumerTopology {
     consumer: String,
     /// The service that runs it (catalog); null for a consumer outside the catalog.
-    service: Option<&'static str>,
+    service: Option<String>,
     queue: QueueState,
     /// Routing keys (event types) bound to the queue; null when unknown.
     bindings: Sourced<Option<Vec<String>>>,
@@ -153,8 +154,8 @@ pub async fn describe(args: DescribeArgs) -> anyhow::Result<()> {
         source: "broker",
     };
     let mut consumers = Vec::new();
-    for name in &args.consumers {
-        let known = crate::catalog::consumer(name);
+    for known in args.consumers.require()? {
+        let name = &known.name;
         let mut tiers = Vec::new();
         let mut delays = args.retry_delays.clone();
         delays.dedup();
@@ -168,14 +169,9 @@ pub async fn describe(args: DescribeArgs) -> anyhow::Result<()> {
         }
         consumers.push(ConsumerTopology {
             consumer: name.clone(),
-            service: known.map(|c| c.service),
+            service: known.service.clone(),
             queue: queue_state(&conn, topology.queue(name)).await?,
-            bindings: match known {
-                Some(c) => {
-                    Sourced { value: Some(c.bindings.iter().map(|b| (*b).to_owned()).collect()), source: "catalog" }
-                }
-                None => Sourced { value: None, source: "catalog" },
-            },
+            bindings: Sourced { value: known.bindings.clone(), source: "catalog" },
             delivery_limit: Sourced { value: args.delivery_limit, source: "config" },
             retry_tiers: tiers,
             dead_letter_queue: DeadLetterQueue {
@@ -217,14 +213,14 @@ fn text(d: &Described) -> anyhow::Result<String> {
     )?;
     for c in &d.consumers {
         writeln!(o)?;
-        match c.service {
+        match &c.service {
             Some(service) => writeln!(o, "consumer {} ({service})", c.consumer)?,
             None => writeln!(o, "consumer {} (not a pipeline consumer)", c.consumer)?,
         }
         writeln!(o, "  queue          {}  {}  [broker]", c.queue.name, state(&c.queue, "ready"))?;
         match &c.bindings.value {
             Some(keys) => writeln!(o, "  bindings       {}  [{}]", keys.join(", "), c.bindings.source)?,
-            None => writeln!(o, "  bindings       unknown (not in the catalog; see the management UI)")?,
+            None => writeln!(o, "  bindings       unknown (not in the consumer catalog file; see the management UI)")?,
         }
         writeln!(o, "  delivery limit {}  [{}]", c.delivery_limit.value, c.delivery_limit.source)?;
         if c.retry_tiers.is_empty() {

@@ -48,10 +48,10 @@ struct DeadLetterQueue {
 pub async fn list(args: DlqListArgs) -> anyhow::Result<()> {
     let (conn, topology) = connect(&args.broker).await?;
     let mut queues = Vec::new();
-    for consumer in &args.consumers {
-        let queue = topology.dead_letter_queue(consumer);
+    for consumer in args.consumers.require()? {
+        let queue = topology.dead_letter_queue(&consumer.name);
         let messages = depth(&conn, &queue).await?;
-        queues.push(DeadLetterQueue { consumer: consumer.clone(), queue, declared: messages.is_some(), messages });
+        queues.push(DeadLetterQueue { consumer: consumer.name, queue, declared: messages.is_some(), messages });
     }
     let _ = conn.close(200, "bye".into()).await;
     if args.json {
@@ -160,8 +160,7 @@ pub async fn show(args: DlqShowArgs) -> anyhow::Result<()> {
     let queue = topology.dead_letter_queue(&args.consumer);
     if depth(&conn, &queue).await?.is_none() {
         bail!(
-            "no dead-letter queue {queue}: is the consumer name right ({}) and the prefix?",
-            crate::catalog::CONSUMER_NAMES.replace(',', ", ")
+            "no dead-letter queue {queue}: is the consumer name right (`dlq list` counts each one's) and the prefix?"
         );
     }
     let channel = conn.create_channel().await?;

@@ -92,7 +92,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     topology_prefix: args.target.topology_prefix.clone(),
                 },
                 args.console.clone(),
-            ));
+            )?);
             let server = HttpServer::new(move || {
                 App::new()
                     .app_data(data.clone())

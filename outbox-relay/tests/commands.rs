@@ -230,8 +230,19 @@ async fn describe_shows_a_declared_consumer_with_its_retry_tiers_delivery_limit_
         .await
         .unwrap();
     let prefix = broker.topology.prefix().to_owned();
+    // The relay knows no service: what it says of a consumer beyond the
+    // broker's answers comes from the catalog file it is given.
+    let catalog = std::env::temp_dir().join(format!("{prefix}-consumers.json"));
+    std::fs::write(
+        &catalog,
+        r#"{"consumers": [{"name": "inventory", "service": "processor-service", "bindings": ["order.created"]}]}"#,
+    )
+    .unwrap();
+    let catalog = catalog.to_str().unwrap().to_owned();
     let args = [
         "describe",
+        "--consumers-file",
+        &catalog,
         "--amqp-url",
         &broker.amqp_url,
         "--topology-prefix",

@@ -14,8 +14,9 @@ use std::process::Stdio;
 use common::*;
 use diesel_async::RunQueryDsl;
 use fantoccini::{Client, ClientBuilder, Locator};
-use orderflow_envelope::events::PaymentRefunded;
-use orderflow_envelope::{Envelope, Metadata, Money};
+use orderflow_contracts::Money;
+use orderflow_contracts::events::PaymentRefunded;
+use orderflow_envelope::{Envelope, Metadata};
 use orderflow_testkit::{TestBroker, TestDb, eventually, eventually_some};
 use serde_json::json;
 use tokio::process::{Child, Command};
@@ -190,7 +191,7 @@ async fn an_operator_replays_a_dead_row_and_requeues_a_dead_letter_from_the_cons
             TOKEN,
             "--published-retention",
             "1h",
-            "--console-consumer",
+            "--consumer",
             "probe",
         ],
     );

@@ -2,8 +2,8 @@
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
+use orderflow_contracts::Money;
 use orderflow_db::Conn;
-use orderflow_envelope::Money;
 use orderflow_web::FieldError;
 use serde::Deserialize;
 use utoipa::ToSchema;

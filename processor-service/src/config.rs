@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use orderflow_consumer::ConsumerArgs;
-use orderflow_envelope::Money;
+use orderflow_contracts::Money;
 use orderflow_telemetry::LogArgs;
 
 use crate::catalog::{DEMO_CATALOG, NewProduct, parse_catalog};

@@ -2,9 +2,10 @@
 //! payment is declined or the order is cancelled.
 
 use orderflow_consumer::{Handler, HandlerError, Incoming};
+use orderflow_contracts::Money;
+use orderflow_contracts::events::{Event, InventoryRejected, InventoryReleased, InventoryReserved, OrderCreated};
 use orderflow_db::Conn;
-use orderflow_envelope::events::{Event, InventoryRejected, InventoryReleased, InventoryReserved, OrderCreated};
-use orderflow_envelope::{Metadata, Money};
+use orderflow_envelope::Metadata;
 use orderflow_outbox::emit;
 
 use crate::store::{self, Move};
@@ -19,7 +20,9 @@ pub const BINDINGS: &[&str] = &["order.created", "payment.declined", "order.canc
 pub struct Inventory;
 
 impl Handler for Inventory {
-    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+    type Event = Event;
+
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, Event>) -> Result<(), HandlerError> {
         let meta = msg.meta();
         match msg.event {
             Event::OrderCreated(e) => reserve(conn, e, &meta).await,

@@ -4,9 +4,10 @@
 use std::collections::HashSet;
 
 use orderflow_consumer::{Handler, HandlerError, Incoming};
+use orderflow_contracts::Money;
+use orderflow_contracts::events::{Event, InventoryReserved, PaymentAuthorized, PaymentDeclined, PaymentRefunded};
 use orderflow_db::Conn;
-use orderflow_envelope::events::{Event, InventoryReserved, PaymentAuthorized, PaymentDeclined, PaymentRefunded};
-use orderflow_envelope::{Metadata, Money};
+use orderflow_envelope::Metadata;
 use orderflow_outbox::emit;
 use sha2::{Digest, Sha256};
 
@@ -69,7 +70,9 @@ pub struct Payments {
 }
 
 impl Handler for Payments {
-    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+    type Event = Event;
+
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, Event>) -> Result<(), HandlerError> {
         let meta = msg.meta();
         match msg.event {
             Event::InventoryReserved(e) => self.charge(conn, e, &meta).await,
@@ -133,7 +136,7 @@ async fn refund(conn: &mut Conn, order_id: &str, meta: &Metadata) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use orderflow_envelope::events::LineItem;
+    use orderflow_contracts::events::LineItem;
     use uuid::Uuid;
 
     fn rules() -> PaymentRules {

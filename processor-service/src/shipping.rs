@@ -1,9 +1,9 @@
 //! The shipping stage: ships paid orders (at most once each).
 
 use orderflow_consumer::{Handler, HandlerError, Incoming};
+use orderflow_contracts::events::{Event, PaymentAuthorized, ShipmentCreated};
 use orderflow_db::Conn;
 use orderflow_envelope::Metadata;
-use orderflow_envelope::events::{Event, PaymentAuthorized, ShipmentCreated};
 use orderflow_outbox::emit;
 
 use crate::store::{self, Move};
@@ -18,7 +18,9 @@ pub const BINDINGS: &[&str] = &["payment.authorized"];
 pub struct Shipping;
 
 impl Handler for Shipping {
-    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+    type Event = Event;
+
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, Event>) -> Result<(), HandlerError> {
         match msg.event {
             Event::PaymentAuthorized(e) => ship(conn, e, &msg.meta()).await,
             other => Err(HandlerError::Permanent(format!("shipping does not consume {}", other.event_type()))),

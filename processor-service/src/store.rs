@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
+use orderflow_contracts::events::LineItem;
 use orderflow_db::Conn;
-use orderflow_envelope::events::LineItem;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -24,7 +24,7 @@ pub struct Product {
     /// Display name.
     pub name: String,
     /// Unit price, major units with 2 decimals (stored in cents).
-    #[serde(serialize_with = "orderflow_envelope::money::serialize_minor")]
+    #[serde(serialize_with = "orderflow_contracts::money::serialize_minor")]
     #[schema(schema_with = orderflow_web::schema::money_output)]
     pub price: i64,
     /// Units available to reserve.

@@ -26,8 +26,9 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use diesel_async::SimpleAsyncConnection;
-use orderflow_envelope::events::PaymentRefunded;
-use orderflow_envelope::{Envelope, Metadata, Money};
+use orderflow_contracts::Money;
+use orderflow_contracts::events::PaymentRefunded;
+use orderflow_envelope::{Envelope, Metadata};
 
 use crate::invariants::{self, Expectations, Verdict};
 use crate::{Db, Options, Part, Product, System, UNROUTABLE_EVENT, count, eventually, money};

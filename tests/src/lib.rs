@@ -142,14 +142,14 @@ pub async fn texts(pool: &Pool, sql: &str) -> Vec<String> {
 /// An amount in cents as the API writes money: a JSON number in major
 /// units with two decimals (`2499` is `24.99`).
 pub fn money(cents: i64) -> Value {
-    let text = orderflow_envelope::Money::from_minor(cents).to_string();
+    let text = orderflow_contracts::Money::from_minor(cents).to_string();
     Value::Number(text.parse().unwrap())
 }
 
 /// An amount the API answered (`24.99`, `"24.99"`), in cents, read exactly.
 pub fn cents(v: &Value) -> i64 {
     let text = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
-    orderflow_envelope::Money::parse(&text).unwrap_or_else(|e| panic!("{v} is not money: {e}")).minor()
+    orderflow_contracts::Money::parse(&text).unwrap_or_else(|e| panic!("{v} is not money: {e}")).minor()
 }
 
 /// An order body for `POST /orders`; prices in cents.

@@ -331,7 +331,7 @@ impl System {
             "--payment-blocked-skus".into(),
             self.opts.blocked_skus.join(","),
             "--payment-amount-limit".into(),
-            orderflow_envelope::Money::from_minor(self.opts.amount_limit).to_string(),
+            orderflow_contracts::Money::from_minor(self.opts.amount_limit).to_string(),
             "--payment-decline-rate".into(),
             self.opts.decline_rate.to_string(),
         ];

@@ -4,9 +4,10 @@
 
 use orderflow_broker::lapin::options::BasicGetOptions;
 use orderflow_broker::lapin::types::AMQPValue;
+use orderflow_contracts::Money;
+use orderflow_contracts::events::{LineItem, OrderCreated};
 use orderflow_e2e::{DEADLINE, Options, System, eventually_some, order_body};
-use orderflow_envelope::events::{LineItem, OrderCreated};
-use orderflow_envelope::{Envelope, Metadata, Money};
+use orderflow_envelope::{Envelope, Metadata};
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,9 +6,10 @@ use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions, BasicPu
 use orderflow_broker::lapin::{BasicProperties, Channel};
 use orderflow_broker::{header_str, properties_for};
 use orderflow_consumer::headers;
+use orderflow_contracts::Money;
+use orderflow_contracts::events::{InventoryReleased, InventoryReserved, LineItem, OrderCreated};
 use orderflow_e2e::{DEADLINE, Options, System, eventually_some, order_body};
-use orderflow_envelope::events::{InventoryReleased, InventoryReserved, LineItem, OrderCreated};
-use orderflow_envelope::{Envelope, Metadata, Money, SchemaVersion};
+use orderflow_envelope::{Envelope, Metadata, SchemaVersion};
 use serde_json::json;
 use uuid::Uuid;
 

@@ -18,8 +18,8 @@ use diesel_async::RunQueryDsl;
 use orderflow_broker::QueueSpec;
 use orderflow_consumer::{ConsumerConfig, Handler, HandlerError, Incoming, run};
 use orderflow_db::Conn;
-use orderflow_envelope::events::PaymentDeclined;
 use orderflow_envelope::{Envelope, Metadata};
+use orderflow_testkit::events::Noted;
 use orderflow_testkit::{TestBroker, TestDb, count};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -27,12 +27,14 @@ use uuid::Uuid;
 struct RowAndOutbox;
 
 impl Handler for RowAndOutbox {
-    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+    type Event = Noted;
+
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, Noted>) -> Result<(), HandlerError> {
         diesel::sql_query("INSERT INTO bench_rows (message_id) VALUES ($1)")
             .bind::<SqlUuid, _>(msg.envelope.message_id)
             .execute(conn)
             .await?;
-        let caused = PaymentDeclined { order_id: Uuid::now_v7().to_string(), reason: "bench".into() };
+        let caused = Noted { key: Uuid::now_v7().to_string(), note: "bench".into() };
         orderflow_outbox::emit(conn, &caused, 1, &msg.meta()).await?;
         Ok(())
     }
@@ -53,7 +55,7 @@ async fn measure(messages: usize, concurrency: usize, batch_size: usize) -> f64 
     let broker = TestBroker::new().await;
     let spec = QueueSpec {
         consumer: "bench".into(),
-        bindings: vec!["payment.declined".into()],
+        bindings: vec!["test.noted".into()],
         retry_delays: vec![Duration::from_secs(1)],
         delivery_limit: 20,
     };
@@ -61,7 +63,7 @@ async fn measure(messages: usize, concurrency: usize, batch_size: usize) -> f64 
     let (_c, channel) = broker.channel().await;
     broker.topology.declare_consumer(&channel, &spec).await.unwrap();
     for _ in 0..messages {
-        let e = PaymentDeclined { order_id: Uuid::now_v7().to_string(), reason: "payment declined".into() };
+        let e = Noted { key: Uuid::now_v7().to_string(), note: "payment declined".into() };
         broker.publish(&channel, &Envelope::new(&e, 1, &Metadata::default()).unwrap()).await;
     }
 

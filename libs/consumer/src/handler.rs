@@ -1,19 +1,19 @@
 use std::future::Future;
 
 use orderflow_db::{Conn, ErrorClass, classify};
-use orderflow_envelope::events::Event;
-use orderflow_envelope::{DecodeError, Envelope, Metadata};
+use orderflow_envelope::{DecodeError, Envelope, EventSet, Metadata};
 
-/// A message as handed to a [`Handler`]: the envelope and its typed event.
+/// A message as handed to a [`Handler`]: the envelope and its typed event
+/// (one of the handler's [`Handler::Event`]s).
 #[derive(Debug)]
-pub struct Incoming<'a> {
+pub struct Incoming<'a, E> {
     /// The envelope (ids, causality, trace context).
     pub envelope: &'a Envelope,
     /// The decoded event.
-    pub event: &'a Event,
+    pub event: &'a E,
 }
 
-impl Incoming<'_> {
+impl<E> Incoming<'_, E> {
     /// Metadata for the events this message causes: its correlation id, it
     /// as the cause, and the trace context of the span handling it (a child
     /// of the message's own span), so the trace goes on.
@@ -106,8 +106,17 @@ pub const DEFER_LIMIT: u32 = 20;
 /// savepoints). Each statement runs under the server-side statement and
 /// lock timeouts derived from [`crate::ConsumerConfig::handler_timeout`].
 pub trait Handler: Send + Sync + 'static {
+    /// The events this handler decodes: one [`orderflow_envelope::DomainEvent`]
+    /// type, or a catalog's sum type. A message of any other type is
+    /// dead-lettered as an unknown event type before the handler sees it.
+    type Event: EventSet;
+
     /// Handles one message inside the open transaction `conn`.
-    fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> impl Future<Output = Result<(), HandlerError>> + Send;
+    fn handle(
+        &self,
+        conn: &mut Conn,
+        msg: Incoming<'_, Self::Event>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
     /// Runs once per batch transaction, before any of its messages is
     /// handled, with all of them, and says which of them to handle in this
@@ -129,7 +138,7 @@ pub trait Handler: Send + Sync + 'static {
     fn prepare(
         &self,
         conn: &mut Conn,
-        batch: &[&Event],
+        batch: &[&Self::Event],
     ) -> impl Future<Output = diesel::QueryResult<Vec<bool>>> + Send {
         let _ = conn;
         let all = vec![true; batch.len()];

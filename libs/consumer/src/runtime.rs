@@ -16,8 +16,7 @@ use orderflow_broker::lapin::{BasicProperties, Channel, Connection};
 use orderflow_broker::{QueueSpec, Topology, header_i64, header_str};
 use orderflow_db::schema::inbox;
 use orderflow_db::{Conn, ErrorClass, Pool, classify};
-use orderflow_envelope::Envelope;
-use orderflow_envelope::events::Event;
+use orderflow_envelope::{Envelope, EventSet};
 use orderflow_outbox::backoff;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -368,13 +367,13 @@ async fn session<H: Handler>(
     end
 }
 
-/// One delivery of a batch.
-struct Item {
+/// One delivery of a batch, with its event decoded as `E`.
+struct Item<E> {
     delivery: Delivery,
     /// Transient failures so far (from the retry header).
     attempt: i64,
     /// The decoded message; None if it was refused before handling.
-    message: Option<(Envelope, Event)>,
+    message: Option<(Envelope, E)>,
     /// The message's own span (continuing its writer's trace).
     span: Span,
     /// Conflicts met in this batch.
@@ -551,7 +550,7 @@ async fn process_batch<H: Handler>(
 }
 
 /// Reads a delivery; refuses (dead-letters) what cannot be handled.
-fn admit<H>(ctx: &Ctx<H>, delivery: Delivery) -> (Item, Option<Verdict>) {
+fn admit<H: Handler>(ctx: &Ctx<H>, delivery: Delivery) -> (Item<H::Event>, Option<Verdict>) {
     let consumer = ctx.cfg.spec.consumer.as_str();
     let attempt = header_i64(&delivery.properties, headers::ATTEMPT).unwrap_or(0).max(0);
     let refuse = |delivery: Delivery, reason: String| {
@@ -564,17 +563,18 @@ fn admit<H>(ctx: &Ctx<H>, delivery: Delivery) -> (Item, Option<Verdict>) {
         return refuse(delivery, reason);
     }
     let (env, event) =
-        match Envelope::from_slice(&delivery.data).and_then(|env| Event::decode(&env).map(|ev| (env, ev))) {
+        match Envelope::from_slice(&delivery.data).and_then(|env| H::Event::from_envelope(&env).map(|ev| (env, ev))) {
             Ok(x) => x,
             Err(e) => return refuse(delivery, e.to_string()),
         };
+    #[cfg(feature = "failpoints")]
     if env.payload.get("__abort").is_some() && orderflow_outbox::failpoint("consumer-abort-on-marked-message") {
         // Fault tests: a consumer that crashes on this message every time,
         // to show the queue's delivery limit parking it.
         std::process::abort();
     }
     let span = info_span!("consume", consumer, message_id = %env.message_id, event_type = %env.event_type,
-        order_id = %env.aggregate_id, correlation_id = %env.correlation_id);
+        aggregate_id = %env.aggregate_id, correlation_id = %env.correlation_id);
     // The span continues the trace of whoever wrote the message.
     orderflow_telemetry::continue_trace(&span, env.traceparent.as_deref());
     (Item { delivery, attempt, message: Some((env, event)), span, conflicts: 0, deferrals: 0 }, None)
@@ -613,7 +613,7 @@ impl Watch {
 /// Runs `chunk` of the batch in one transaction and commits it.
 async fn transact<H: Handler>(
     ctx: &Ctx<H>,
-    items: &[Item],
+    items: &[Item<H::Event>],
     chunk: &[usize],
     prepare: bool,
 ) -> Result<Vec<(usize, Result<Applied, HandlerError>)>, Failure> {
@@ -648,7 +648,7 @@ impl From<diesel::result::Error> for Abort {
 async fn run_chunk<H: Handler>(
     ctx: &Ctx<H>,
     conn: &mut Conn,
-    items: &[Item],
+    items: &[Item<H::Event>],
     chunk: &[usize],
     prepare: bool,
     watch: &Watch,
@@ -671,7 +671,7 @@ async fn run_chunk<H: Handler>(
         .transaction::<_, Abort, _>(async |tx| {
             tx.batch_execute(&settings).await?;
             let handled: Vec<usize> = chunk.iter().copied().filter(|&i| items[i].message.is_some()).collect();
-            let events: Vec<&Event> =
+            let events: Vec<&H::Event> =
                 handled.iter().filter_map(|&i| items[i].message.as_ref().map(|(_, e)| e)).collect();
             // Even for one message: the shared rows are then always taken
             // first and without waiting, batch or not.
@@ -732,7 +732,7 @@ async fn apply<H: Handler>(
     consumer: &str,
     sp: &mut Conn,
     env: &Envelope,
-    event: &Event,
+    event: &H::Event,
 ) -> Result<Applied, HandlerError> {
     let inserted = diesel::insert_into(inbox::table)
         .values((
@@ -765,7 +765,13 @@ async fn ack(delivery: &Delivery) {
 /// Carries out verdicts reached after a commit (or before any handling):
 /// acks, and forwards to retry tiers and the DLQ (each original acked only
 /// once its copy is confirmed, never lost in between).
-async fn settle<H>(ctx: &Ctx<H>, out: &Forwarder, items: &[Item], verdicts: Vec<(usize, Verdict)>, started: Instant) {
+async fn settle<H: Handler>(
+    ctx: &Ctx<H>,
+    out: &Forwarder,
+    items: &[Item<H::Event>],
+    verdicts: Vec<(usize, Verdict)>,
+    started: Instant,
+) {
     let spec = &ctx.cfg.spec;
     let consumer = spec.consumer.as_str();
     let mut forwards = Vec::new();

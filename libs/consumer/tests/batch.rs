@@ -18,7 +18,7 @@ use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions, QueueDe
 use orderflow_broker::lapin::types::FieldTable;
 use orderflow_consumer::{ConsumerConfig, Handler, HandlerError, Incoming, headers, run};
 use orderflow_db::Conn;
-use orderflow_envelope::events::Event;
+use orderflow_testkit::events::Noted;
 use orderflow_testkit::{FaultProxy, TestBroker, TestDb, count, eventually, eventually_some};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -48,23 +48,23 @@ impl Recorder {
 }
 
 impl Handler for Recorder {
-    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
-        let Event::PaymentDeclined(ev) = msg.event else {
-            return Err(HandlerError::Permanent("unexpected event".into()));
-        };
+    type Event = Noted;
+
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, Noted>) -> Result<(), HandlerError> {
+        let ev = msg.event;
         *self.calls.lock().unwrap().entry(msg.envelope.message_id).or_default() += 1;
         diesel::sql_query("INSERT INTO effects (message_id) VALUES ($1)")
             .bind::<SqlUuid, _>(msg.envelope.message_id)
             .execute(conn)
             .await?;
-        if ev.reason == "permanent" {
+        if ev.note == "permanent" {
             return Err(HandlerError::Permanent("poisoned".into()));
         }
-        if ev.reason == "gate" {
+        if ev.note == "gate" {
             self.entered.notify_one();
             self.release.acquire().await.unwrap().forget();
         }
-        if let Some(rows) = ev.reason.strip_prefix("rows:") {
+        if let Some(rows) = ev.note.strip_prefix("rows:") {
             // Updates the rows in the order given, pausing after the first
             // so that a transaction taking them the other way round meets
             // this one in a deadlock.
@@ -78,9 +78,9 @@ impl Handler for Recorder {
                 }
             }
         }
-        if let Some(version) = ev.reason.strip_prefix('v') {
+        if let Some(version) = ev.note.strip_prefix('v') {
             let version: i64 = version.parse().unwrap();
-            let agg = ev.order_id.to_string();
+            let agg = ev.key.to_string();
             let moved = diesel::sql_query("UPDATE aggs SET version = $2 WHERE id = $1 AND version = $2 - 1")
                 .bind::<Text, _>(&agg)
                 .bind::<BigInt, _>(version)
@@ -112,8 +112,8 @@ impl Handler for Recorder {
 
     /// Leaves out every `busy` message, as a handler does whose rows another
     /// transaction holds.
-    async fn prepare(&self, _conn: &mut Conn, batch: &[&Event]) -> diesel::QueryResult<Vec<bool>> {
-        Ok(batch.iter().map(|e| !matches!(e, Event::PaymentDeclined(ev) if ev.reason == "busy")).collect())
+    async fn prepare(&self, _conn: &mut Conn, batch: &[&Noted]) -> diesel::QueryResult<Vec<bool>> {
+        Ok(batch.iter().map(|e| e.note != "busy").collect())
     }
 }
 
@@ -131,7 +131,7 @@ async fn setup(retry_delays: &[u64]) -> Setup {
     let broker = TestBroker::new().await;
     let spec = QueueSpec {
         consumer: "batched".into(),
-        bindings: vec!["payment.declined".into()],
+        bindings: vec!["test.noted".into()],
         retry_delays: retry_delays.iter().map(|ms| Duration::from_millis(*ms)).collect(),
         delivery_limit: 100,
     };
@@ -298,7 +298,7 @@ async fn per_aggregate_order_holds_for_a_version_checking_handler() {
     for version in 1..=10 {
         for (k, agg) in aggregates.iter().enumerate() {
             let mut env = declined(&format!("v{version}"));
-            env.payload["order_id"] = serde_json::json!(agg);
+            env.payload["key"] = serde_json::json!(agg);
             s.broker.publish(&s.channel, &env).await;
             if (k + version) % 7 == 0 {
                 // A duplicate delivery now and then.

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 fn spec(retry_delays: &[u64], delivery_limit: u32) -> QueueSpec {
     QueueSpec {
         consumer: "faulty".into(),
-        bindings: vec!["payment.declined".into()],
+        bindings: vec!["test.noted".into()],
         retry_delays: retry_delays.iter().map(|ms| Duration::from_millis(*ms)).collect(),
         delivery_limit,
     }

@@ -17,6 +17,9 @@ pub enum DbError {
     /// Running migrations failed.
     #[error("migration failed: {0}")]
     Migration(String),
+    /// The connection closed (its notifications ended).
+    #[error("the database connection closed")]
+    Closed,
     /// A query failed.
     #[error(transparent)]
     Query(#[from] DieselError),

@@ -78,16 +78,54 @@ pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
     Ok(pool)
 }
 
-/// A dedicated connection that LISTENs on `channel`. Notifications need a
-/// connection of their own: a pooled one is shared and recycled.
-pub async fn listen(url: &str, channel: &str) -> Result<Conn, DbError> {
-    use diesel_async::RunQueryDsl;
-    if channel.is_empty() || !channel.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(DbError::Config(format!("invalid channel name {channel:?}")));
+/// A connection that LISTENs on a channel: the one way the platform waits
+/// for `NOTIFY` (the relay's session, the notification dispatcher).
+/// Notifications need a connection of their own, never a pooled one (it is
+/// shared and recycled).
+pub struct Listener {
+    conn: Conn,
+}
+
+impl Listener {
+    /// Connects to `url` and listens on `channel`.
+    pub async fn open(url: &str, channel: &str) -> Result<Self, DbError> {
+        Self::on(establish(url).await?, channel).await
     }
-    let mut conn = establish(url).await?;
-    diesel::sql_query(format!("LISTEN {channel}")).execute(&mut conn).await?;
-    Ok(conn)
+
+    /// Listens on `channel` on a connection of the caller's (which may go on
+    /// using it between waits, e.g. for advisory locks: see [`Self::conn`]).
+    pub async fn on(mut conn: Conn, channel: &str) -> Result<Self, DbError> {
+        use diesel_async::RunQueryDsl;
+        // LISTEN takes an identifier, not a parameter: only plain names.
+        if channel.is_empty() || !channel.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(DbError::Config(format!("invalid channel name {channel:?}")));
+        }
+        diesel::sql_query(format!("LISTEN {channel}")).execute(&mut conn).await?;
+        Ok(Self { conn })
+    }
+
+    /// The connection, for other statements between waits.
+    pub fn conn(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+
+    /// Waits for a notification, then takes those that piled up meanwhile, so
+    /// one wake-up answers all of them. Fails when the connection does.
+    pub async fn notified(&mut self) -> Result<(), DbError> {
+        use futures::{FutureExt, StreamExt};
+        let mut stream = std::pin::pin!(self.conn.notifications_stream());
+        match stream.next().await {
+            Some(Ok(_)) => {
+                while let Some(Some(n)) = stream.next().now_or_never() {
+                    n?;
+                }
+                Ok(())
+            }
+            Some(Err(e)) => Err(e.into()),
+            // The connection's task ended: the connection is gone.
+            None => Err(DbError::Closed),
+        }
+    }
 }
 
 /// A service's start-up: creates its database if asked and it is missing,

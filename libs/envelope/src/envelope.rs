@@ -94,9 +94,9 @@ impl Metadata {
     }
 }
 
-/// A typed event of the pipeline: its routing key, aggregate and version.
+/// A typed event: its routing key, aggregate and version.
 pub trait DomainEvent: Serialize + DeserializeOwned {
-    /// Routing key and catalog name, e.g. `order.created`.
+    /// Routing key and catalog name, e.g. `points.granted`.
     const EVENT_TYPE: &'static str;
     /// Aggregate kind, e.g. `order`.
     const AGGREGATE_TYPE: &'static str;
@@ -106,12 +106,29 @@ pub trait DomainEvent: Serialize + DeserializeOwned {
     fn aggregate_id(&self) -> String;
 }
 
+/// The events a consumer decodes from envelopes: one [`DomainEvent`] type
+/// (every one is an `EventSet` of itself), or a catalog's sum type of
+/// several (an enum whose `from_envelope` dispatches on the event type).
+///
+/// An envelope of a type the set does not hold is a
+/// [`DecodeError::UnknownEventType`]; a consumer dead-letters it.
+pub trait EventSet: Sized + Send + Sync + 'static {
+    /// Decodes the envelope's payload into the event its `event_type` names.
+    fn from_envelope(env: &Envelope) -> Result<Self, DecodeError>;
+}
+
+impl<E: DomainEvent + Send + Sync + 'static> EventSet for E {
+    fn from_envelope(env: &Envelope) -> Result<Self, DecodeError> {
+        env.decode::<E>()
+    }
+}
+
 /// The envelope of one event, as stored in the outbox and sent on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
     /// Unique id: the dedupe key of every inbox.
     pub message_id: Uuid,
-    /// Routing key, e.g. `order.created`.
+    /// Routing key, e.g. `points.granted`.
     pub event_type: String,
     /// Schema version of `payload`.
     pub schema_version: SchemaVersion,
@@ -155,7 +172,7 @@ pub enum DecodeError {
         /// Major version understood here.
         supported: u16,
     },
-    /// The event type is not in the catalog.
+    /// The event type is not one the decoder knows.
     #[error("unknown event type {0:?}")]
     UnknownEventType(String),
     /// The payload does not match the event type's schema.

@@ -10,7 +10,7 @@ use orderflow_db::schema::{outbox, outbox_replays};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::relay::{LANE_LOCK_CLASS, MEMBER_LOCK_CLASS};
+use crate::lanes::{LANE_LOCK_CLASS, MEMBER_LOCK_CLASS};
 use crate::writer::NOTIFY_CHANNEL;
 
 /// The outbox at a glance.

@@ -1,3 +1,7 @@
+//! Failpoints for fault tests, compiled only with the `failpoints` feature
+//! (which the end-to-end tests' builds turn on; shipped binaries, built per
+//! package, never have it).
+
 use std::sync::OnceLock;
 
 /// True when the failpoint `name` is listed in `ORDERFLOW_FAILPOINTS`

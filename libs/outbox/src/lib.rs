@@ -11,7 +11,9 @@
 
 pub mod admin;
 pub mod backoff;
+#[cfg(feature = "failpoints")]
 mod failpoint;
+mod lanes;
 mod limits;
 mod registration;
 pub mod relay;
@@ -19,6 +21,7 @@ mod row;
 mod waker;
 mod writer;
 
+#[cfg(feature = "failpoints")]
 pub use failpoint::failpoint;
 pub use limits::{DEFAULT_MAX_MESSAGE_BYTES, Limits, MAX_EVENT_TYPE_BYTES, MAX_HEADER_BYTES, Unpublishable};
 pub use registration::describe_and_register;

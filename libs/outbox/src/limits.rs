@@ -102,18 +102,14 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use orderflow_envelope::Metadata;
-    use orderflow_envelope::events::PaymentDeclined;
+    use orderflow_testkit::events::Noted;
     use uuid::Uuid;
 
     use super::*;
 
     fn event() -> Envelope {
-        Envelope::new(
-            &PaymentDeclined { order_id: Uuid::now_v7().to_string(), reason: "r".into() },
-            1,
-            &Metadata::default(),
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
+        Envelope::new(&Noted { key: Uuid::now_v7().to_string(), note: "r".into() }, 1, &Metadata::default())
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

@@ -11,9 +11,9 @@ use orderflow_broker::QueueSpec;
 use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions};
 use orderflow_broker::lapin::{Channel, Connection};
 use orderflow_db::{Conn, Pool};
-use orderflow_envelope::events::{PaymentDeclined, PaymentRefunded};
-use orderflow_envelope::{Envelope, Metadata, Money};
+use orderflow_envelope::{Envelope, Metadata};
 use orderflow_outbox::relay::{self, RelayConfig};
+use orderflow_testkit::events::{Noted, Tallied};
 use orderflow_testkit::{TestBroker, TestDb, count, eventually};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -30,12 +30,8 @@ async fn write(pool: &Pool, events: Vec<Envelope>) {
 }
 
 fn declined(order: Uuid, version: i64) -> Envelope {
-    Envelope::new(
-        &PaymentDeclined { order_id: order.to_string(), reason: format!("v{version}") },
-        version,
-        &Metadata::default(),
-    )
-    .unwrap()
+    Envelope::new(&Noted { key: order.to_string(), note: format!("v{version}") }, version, &Metadata::default())
+        .unwrap()
 }
 
 async fn drain(channel: &Channel, queue: &str) -> Vec<Envelope> {
@@ -126,16 +122,11 @@ struct Row {
 async fn a_refused_message_backs_off_then_dies_and_holds_only_its_aggregate() {
     let db = TestDb::new(None).await;
     let broker = TestBroker::new().await;
-    // Only payment.declined is routed: payment.refunded comes back unroutable.
-    let (_conn, channel) = probe(&broker, &["payment.declined"]).await;
+    // Only test.noted is routed: test.tallied comes back unroutable.
+    let (_conn, channel) = probe(&broker, &["test.noted"]).await;
 
     let (stuck, fine) = (Uuid::now_v7(), Uuid::now_v7());
-    let refused = Envelope::new(
-        &PaymentRefunded { order_id: stuck.to_string(), payment_id: Uuid::now_v7(), amount: Money::from_minor(1) },
-        1,
-        &Metadata::default(),
-    )
-    .unwrap();
+    let refused = Envelope::new(&Tallied { key: stuck.to_string(), amount: 1 }, 1, &Metadata::default()).unwrap();
     write(&db.pool, vec![refused, declined(stuck, 2), declined(fine, 1), declined(fine, 2)]).await;
 
     let mut cfg = fast(&db, &broker);
@@ -150,7 +141,7 @@ async fn a_refused_message_backs_off_then_dies_and_holds_only_its_aggregate() {
     let mut conn = db.pool.get().await.unwrap();
     let row: Row = diesel::sql_query(
         "SELECT attempts::bigint AS attempts, last_error, (dead_at IS NOT NULL)::int::bigint AS dead \
-         FROM outbox WHERE event_type = 'payment.refunded'",
+         FROM outbox WHERE event_type = 'test.tallied'",
     )
     .get_result(&mut conn)
     .await
@@ -270,8 +261,8 @@ struct Tally {
 async fn returns_are_credited_to_the_returned_row_even_when_acks_are_merged() {
     let db = TestDb::new(None).await;
     let broker = TestBroker::new().await;
-    // payment.declined is routed; payment.refunded comes back unroutable.
-    let (_conn, _channel) = probe(&broker, &["payment.declined"]).await;
+    // test.noted is routed; test.tallied comes back unroutable.
+    let (_conn, _channel) = probe(&broker, &["test.noted"]).await;
     let mut cfg = fast(&db, &broker);
     // Keep published rows, so that a wrongly published one stays visible;
     // try each unroutable row once within the test.
@@ -290,16 +281,7 @@ async fn returns_are_credited_to_the_returned_row_even_when_acks_are_merged() {
                 if i % 2 == 0 {
                     declined(order, 1)
                 } else {
-                    Envelope::new(
-                        &PaymentRefunded {
-                            order_id: order.to_string(),
-                            payment_id: Uuid::now_v7(),
-                            amount: Money::from_minor(1),
-                        },
-                        1,
-                        &Metadata::default(),
-                    )
-                    .unwrap()
+                    Envelope::new(&Tallied { key: order.to_string(), amount: 1 }, 1, &Metadata::default()).unwrap()
                 }
             })
             .collect();
@@ -308,8 +290,8 @@ async fn returns_are_credited_to_the_returned_row_even_when_acks_are_merged() {
     let tally = || async {
         let mut conn = db.pool.get().await.unwrap();
         diesel::sql_query(
-            "SELECT count(*) FILTER (WHERE event_type = 'payment.refunded' AND published_at IS NOT NULL) AS published, \
-                    count(*) FILTER (WHERE event_type = 'payment.declined' AND attempts > 0) AS charged \
+            "SELECT count(*) FILTER (WHERE event_type = 'test.tallied' AND published_at IS NOT NULL) AS published, \
+                    count(*) FILTER (WHERE event_type = 'test.noted' AND attempts > 0) AS charged \
              FROM outbox",
         )
         .get_result::<Tally>(&mut conn)

@@ -10,12 +10,14 @@
 //! - [`TestBroker`]: a fresh topology prefix per test; the queues it declared
 //!   are deleted afterwards.
 //! - [`FaultProxy`]: a TCP proxy that cuts, stalls and restores connections.
+//! - [`events`]: the platform tests' own events (no service's catalog).
 //! - [`eventually`]: wait for a condition with a deadline, never a fixed sleep.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod broker;
 mod db;
 mod detect;
+pub mod events;
 mod proxy;
 mod wait;
 

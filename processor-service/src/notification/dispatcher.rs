@@ -113,14 +113,11 @@ impl Dispatcher {
                 None => self.cfg.poll_interval,
             };
             if listener.is_none() {
-                listener = orderflow_db::listen(&self.database_url, NOTIFY_CHANNEL).await.ok();
+                listener = orderflow_db::Listener::open(&self.database_url, NOTIFY_CHANNEL).await.ok();
             }
             let woken = async {
                 match listener.as_mut() {
-                    Some(conn) => {
-                        let mut stream = std::pin::pin!(conn.notifications_stream());
-                        stream.next().await.is_some()
-                    }
+                    Some(l) => l.notified().await.is_ok(),
                     None => std::future::pending().await,
                 }
             };

@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use orderflow_consumer::{Handler, HandlerError, Incoming};
+use orderflow_contracts::events::Event;
 use orderflow_db::Conn;
-use orderflow_envelope::events::Event;
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -99,7 +99,9 @@ fn compose(event: &Event) -> Option<(&str, &str, &'static str, String)> {
 pub struct Notifications;
 
 impl Handler for Notifications {
-    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
+    type Event = Event;
+
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, Event>) -> Result<(), HandlerError> {
         let Some((order_id, customer_id, kind, text)) = compose(msg.event) else {
             return Err(HandlerError::Permanent(format!("notification does not consume {}", msg.event.event_type())));
         };

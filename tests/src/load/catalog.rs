@@ -1,7 +1,7 @@
 //! The products orders are made of: prices must equal the catalog's
 //! (inventory fails an order whose line price differs).
 
-use orderflow_envelope::Money;
+use orderflow_contracts::Money;
 use serde_json::Value;
 
 /// A product orders can name, with its price as the API writes it.
@@ -32,7 +32,7 @@ pub enum CatalogError {
         index: usize,
         /// What was wrong with it.
         #[source]
-        source: orderflow_envelope::money::MoneyError,
+        source: orderflow_contracts::money::MoneyError,
     },
     /// No products.
     #[error("the catalog has no products")]

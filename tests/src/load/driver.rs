@@ -458,7 +458,7 @@ mod tests {
     //! exact and the test takes no real time.
     use std::collections::HashMap;
 
-    use orderflow_envelope::Money;
+    use orderflow_contracts::Money;
 
     use super::*;
 

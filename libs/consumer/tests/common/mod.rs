@@ -10,14 +10,14 @@ use orderflow_broker::lapin::Channel;
 use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions};
 use orderflow_consumer::{Handler, HandlerError, Incoming};
 use orderflow_db::{Conn, Pool};
-use orderflow_envelope::events::{Event, PaymentDeclined};
 use orderflow_envelope::{Envelope, Metadata};
+use orderflow_testkit::events::Noted;
 use uuid::Uuid;
 
 /// Generous: 2 shared cores can be slow; passing tests return early.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Behaves as the reason of a `payment.declined` says: `transient:N` fails
+/// Behaves as the reason of a `test.noted` says: `transient:N` fails
 /// transiently N times, `permanent` always fails, `lock` updates the row
 /// `hot` of table `products` (see [`create_products`]), anything else
 /// succeeds. Every successful call also writes a row into `effects` when
@@ -38,20 +38,20 @@ impl Scripted {
 }
 
 impl Handler for Scripted {
-    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_>) -> Result<(), HandlerError> {
-        let Event::PaymentDeclined(ev) = msg.event else {
-            return Err(HandlerError::Permanent(format!("unexpected {}", msg.event.event_type())));
-        };
+    type Event = Noted;
+
+    async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, Noted>) -> Result<(), HandlerError> {
+        let ev = msg.event;
         let n = {
             let mut calls = self.calls.lock().unwrap();
             let n = calls.entry(msg.envelope.message_id).or_default();
             *n += 1;
             *n
         };
-        match ev.reason.split_once(':') {
+        match ev.note.split_once(':') {
             Some(("transient", k)) if n <= k.parse().unwrap() => Err(HandlerError::Transient(format!("flaky #{n}"))),
-            _ if ev.reason == "permanent" => Err(HandlerError::Permanent("no way".into())),
-            _ if ev.reason == "lock" => {
+            _ if ev.note == "permanent" => Err(HandlerError::Permanent("no way".into())),
+            _ if ev.note == "lock" => {
                 diesel::sql_query("UPDATE products SET stock = stock - 1 WHERE sku = 'hot'").execute(conn).await?;
                 Ok(())
             }
@@ -61,12 +61,7 @@ impl Handler for Scripted {
 }
 
 pub fn declined(reason: &str) -> Envelope {
-    Envelope::new(
-        &PaymentDeclined { order_id: Uuid::now_v7().to_string(), reason: reason.into() },
-        1,
-        &Metadata::default(),
-    )
-    .unwrap()
+    Envelope::new(&Noted { key: Uuid::now_v7().to_string(), note: reason.into() }, 1, &Metadata::default()).unwrap()
 }
 
 pub async fn exec(pool: &Pool, sql: &str) {

@@ -41,7 +41,6 @@
 //! [`Health`] says whether the relay is working (broker channel and
 //! database session both up); `outbox-relay run` serves it on `/health`.
 
-mod lanes;
 mod publisher;
 pub mod retention;
 mod store;
@@ -55,11 +54,11 @@ use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use orderflow_broker::{BrokerError, Topology};
-use orderflow_db::Conn;
+use orderflow_db::{Conn, Listener};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use lanes::{LANE_LOCK_CLASS, MEMBER_LOCK_CLASS};
+pub use crate::lanes::{LANE_LOCK_CLASS, MEMBER_LOCK_CLASS};
 use publisher::{Answer, Confirm, Outcome, Publisher};
 
 use crate::writer::NOTIFY_CHANNEL;
@@ -206,7 +205,7 @@ pub enum RelayError {
     Db(#[from] diesel::result::Error),
     /// PostgreSQL could not be reached.
     #[error("database: {0}")]
-    DbConnect(String),
+    DbConnect(#[source] orderflow_db::DbError),
     /// A database operation did not answer within the session timeout.
     #[error("database: no answer within {0:?}, the connection is taken as stalled")]
     DbStalled(Duration),
@@ -367,10 +366,9 @@ enum Role {
 /// in a transaction at most the confirm timeout.
 async fn connect(cfg: &RelayConfig, role: Role) -> Result<Conn, RelayError> {
     let limit = cfg.session_timeout;
-    let mut conn = bounded(limit, async {
-        orderflow_db::establish(&cfg.database_url).await.map_err(|e| RelayError::DbConnect(e.to_string()))
-    })
-    .await?;
+    let mut conn =
+        bounded(limit, async { orderflow_db::establish(&cfg.database_url).await.map_err(RelayError::DbConnect) })
+            .await?;
     let ms = |d: Duration| d.as_millis().max(1);
     let (name, bounds) = match role {
         Role::Session => (String::new(), format!("SET idle_session_timeout = {}", ms(limit))),
@@ -420,11 +418,11 @@ struct Progress {
 /// The relay's PostgreSQL side: the session (LISTEN, leases) and the
 /// worker connections of the claim transactions.
 struct Db {
-    session: Conn,
+    session: Listener,
     workers: Vec<Conn>,
     /// Whether each worker has a transaction open.
     in_tx: Vec<bool>,
-    lanes: lanes::Lanes,
+    lanes: crate::lanes::Lanes,
     last_lease: Option<Instant>,
     progress: Progress,
     limit: Duration,
@@ -433,9 +431,11 @@ struct Db {
 impl Db {
     async fn open(cfg: &RelayConfig) -> Result<Self, RelayError> {
         let limit = cfg.session_timeout;
-        let mut session = connect(cfg, Role::Session).await?;
-        bounded(limit, diesel::sql_query(format!("LISTEN {NOTIFY_CHANNEL}")).execute(&mut session)).await?;
-        let lanes = bounded(limit, lanes::Lanes::join(&mut session)).await?;
+        let session = connect(cfg, Role::Session).await?;
+        let mut session =
+            bounded(limit, async { Listener::on(session, NOTIFY_CHANNEL).await.map_err(RelayError::DbConnect) })
+                .await?;
+        let lanes = bounded(limit, crate::lanes::Lanes::join(session.conn())).await?;
         let mut workers = Vec::new();
         for w in 0..cfg.pipeline.max(1) {
             workers.push(connect(cfg, Role::Worker(w)).await?);
@@ -507,7 +507,7 @@ impl Db {
         let mut next_poll = Instant::now() + cfg.poll_interval;
         loop {
             if self.last_lease.is_none_or(|t| t.elapsed() >= cfg.lease_interval) {
-                bounded(self.limit, self.lanes.rebalance(&mut self.session, &cfg.relay_id)).await?;
+                bounded(self.limit, self.lanes.rebalance(self.session.conn(), &cfg.relay_id)).await?;
                 self.last_lease = Some(Instant::now());
             }
             // Start a batch on a free worker while there may be work.
@@ -542,7 +542,7 @@ impl Db {
                 tokio::select! {
                     biased;
                     (w, c) = confirms => Wake::Confirm(w, c),
-                    n = notified(session) => Wake::Notified(n),
+                    n = session.notified() => Wake::Notified(n.map_err(RelayError::DbConnect)),
                     _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake_at)) => {
                         match deadline {
                             Some(d) if Instant::now() >= d => return Err(RelayError::ConfirmTimeout(publisher.confirm_timeout)),
@@ -727,6 +727,7 @@ impl Db {
 
     /// Records the outcomes of `batch` and commits its transaction.
     async fn mark(&mut self, w: usize, batch: Batch, cfg: &RelayConfig) -> Result<(), RelayError> {
+        #[cfg(feature = "failpoints")]
         if crate::failpoint("relay-exit-after-publish") {
             // Fault tests: die like a SIGKILL between publish and mark.
             std::process::abort();
@@ -797,24 +798,6 @@ async fn next_confirm(open: &mut [Option<Batch>]) -> (usize, (usize, Result<Answ
     match pending.next().await {
         Some(next) => next,
         None => std::future::pending().await,
-    }
-}
-
-/// Waits for a notification, then drains those that piled up so one claim
-/// answers all of them.
-async fn notified(session: &mut Conn) -> Result<(), RelayError> {
-    let stream = session.notifications_stream();
-    let mut stream = std::pin::pin!(stream);
-    match stream.next().await {
-        Some(Ok(_)) => {
-            while let Some(Some(n)) = stream.next().now_or_never() {
-                n?;
-            }
-            Ok(())
-        }
-        Some(Err(e)) => Err(e.into()),
-        // The connection's task ended: the session is gone.
-        None => Err(RelayError::DbConnect("notification stream closed".into())),
     }
 }
 

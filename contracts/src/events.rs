@@ -13,7 +13,9 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{DecodeError, DomainEvent, Envelope, Money, SchemaVersion};
+use orderflow_envelope::{DecodeError, DomainEvent, Envelope, EventSet, SchemaVersion};
+
+use crate::Money;
 
 /// One line of an order, as carried between services.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +78,12 @@ macro_rules! catalog {
                 match self {
                     $( Event::$variant(_) => $event_type, )*
                 }
+            }
+        }
+
+        impl EventSet for Event {
+            fn from_envelope(env: &Envelope) -> Result<Self, DecodeError> {
+                Event::decode(env)
             }
         }
     };
@@ -248,7 +256,7 @@ pub struct OrderCancelled {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::Metadata;
+    use orderflow_envelope::Metadata;
 
     #[test]
     fn decodes_by_type() {
