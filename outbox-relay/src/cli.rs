@@ -290,7 +290,7 @@ pub struct RunArgs {
     /// Database, broker and prefix.
     #[command(flatten)]
     pub target: Target,
-    /// Name shown as lane owner and in logs (default: relay-<pid>).
+    /// Name shown as lane owner and in logs (default: `relay-<pid>`).
     #[arg(long, env = "RELAY_ID")]
     pub relay_id: Option<String>,
     /// Rows claimed and published per transaction.
