@@ -1,4 +1,4 @@
-# orderflow: the commands users type. See README.md.
+# orderflow: the commands users type. See README.md (start here) and docs/.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 

@@ -65,7 +65,7 @@ pub struct Order {
     pub items: Vec<ItemRow>,
 }
 
-/// Result of [`create`].
+/// Result of [`create_many`], per order.
 #[derive(Debug)]
 pub enum Created {
     /// A new order was stored and `order.created` written.

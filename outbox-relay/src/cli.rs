@@ -63,7 +63,7 @@ pub struct StatusArgs {
     /// The service database.
     #[command(flatten)]
     pub db: DbTarget,
-    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    /// Print JSON instead of text (field names are stable; see docs/operations.md, "Operator commands").
     #[arg(long)]
     pub json: bool,
     /// Redraw every INTERVAL (default 2s) until Ctrl-C; with --json, one JSON document per line.
@@ -117,7 +117,7 @@ pub struct ReplayArgs {
     /// Who and why, recorded.
     #[command(flatten)]
     pub record: Record,
-    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    /// Print JSON instead of text (field names are stable; see docs/operations.md, "Operator commands").
     #[arg(long)]
     pub json: bool,
 }
@@ -142,7 +142,7 @@ pub struct ReplaysArgs {
     /// How many, newest first.
     #[arg(long, default_value_t = 20)]
     pub limit: i64,
-    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    /// Print JSON instead of text (field names are stable; see docs/operations.md, "Operator commands").
     #[arg(long)]
     pub json: bool,
 }
@@ -178,7 +178,7 @@ pub struct DlqListArgs {
     /// Which consumers.
     #[command(flatten)]
     pub consumers: crate::catalog::ConsumerArgs,
-    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    /// Print JSON instead of text (field names are stable; see docs/operations.md, "Operator commands").
     #[arg(long)]
     pub json: bool,
 }
@@ -195,7 +195,7 @@ pub struct DlqShowArgs {
     /// At most this many, oldest first.
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
-    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    /// Print JSON instead of text (field names are stable; see docs/operations.md, "Operator commands").
     #[arg(long)]
     pub json: bool,
 }
@@ -227,7 +227,7 @@ pub struct DlqRequeueArgs {
     /// Who and why, recorded.
     #[command(flatten)]
     pub record: Record,
-    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    /// Print JSON instead of text (field names are stable; see docs/operations.md, "Operator commands").
     #[arg(long)]
     pub json: bool,
 }
@@ -248,7 +248,7 @@ pub struct DescribeArgs {
     /// The delivery limit the services declare their queues with; the services' setting and default.
     #[arg(long, env = "CONSUMER_DELIVERY_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub delivery_limit: u32,
-    /// Print JSON instead of text (field names are stable; see README, "Operator commands").
+    /// Print JSON instead of text (field names are stable; see docs/operations.md, "Operator commands").
     #[arg(long)]
     pub json: bool,
 }
@@ -290,7 +290,7 @@ pub struct RunArgs {
     /// Database, broker and prefix.
     #[command(flatten)]
     pub target: Target,
-    /// Name shown as lane owner and in logs (default: relay-<pid>).
+    /// Name shown as lane owner and in logs (default: `relay-<pid>`).
     #[arg(long, env = "RELAY_ID")]
     pub relay_id: Option<String>,
     /// Rows claimed and published per transaction.

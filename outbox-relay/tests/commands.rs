@@ -1,5 +1,5 @@
 //! The operator CLI as scripts and people use it: `--json` of every command
-//! with the documented fields (README, "Operator commands"), progress on
+//! with the documented fields (docs/operations.md, "Operator commands"), progress on
 //! stderr, `describe`, `status --watch`, completions and man pages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

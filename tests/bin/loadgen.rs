@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use orderflow_e2e::load::{self, HttpApi, LoadConfig, Mix, PollPolicy};
 
-/// Open-loop load on order-service (see `make bench` and the README).
+/// Open-loop load on order-service (see `make bench` and docs/benchmarks.md).
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", about)]
 struct Args {

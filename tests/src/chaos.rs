@@ -7,7 +7,7 @@
 //! writes events of a type no queue is bound to, which must end dead in the
 //! outbox. Every kind of fault is met at least once, in a seeded order, then
 //! at random. Afterwards everything is restored, the system is left to
-//! settle, and the [`invariants`](crate::invariants) are checked.
+//! settle, and the [`invariants`] are checked.
 //!
 //! Clients behave like careful real clients: each order has its own id, so
 //! a POST that failed (connection refused while order-service was down, a

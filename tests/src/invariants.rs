@@ -1,4 +1,4 @@
-//! What must hold after any run, faults or not (see DESIGN.md, "The
+//! What must hold after any run, faults or not (see README.md, "The
 //! promise"): every accepted order reached a final state; no event was lost
 //! or parked; stock moved exactly by what the confirmed orders bought; each
 //! order's effects (reservation, charge, refund, shipment) match its final

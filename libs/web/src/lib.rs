@@ -11,7 +11,7 @@
 //! - [`extractor_errors`]: path and query extractors answering problem+json;
 //! - [`not_found_fallback`]: 404 for unknown paths, 405 with `Allow` for a
 //!   known path under another method;
-//! - [`health`], [`ready`] and [`metrics`]: liveness, readiness and
+//! - [`health`], [`ready`] and [`metrics()`]: liveness, readiness and
 //!   Prometheus endpoints;
 //! - [`TraceContextRootSpan`] and [`http_metrics`]: request spans that
 //!   continue the caller's trace, and request metrics by route;
