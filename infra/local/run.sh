@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: both services and one relay per database on the local
+# `make run`: the services (order-service, processor-service, and the
+# example loyalty-service) and one relay per database on the local
 # PostgreSQL and RabbitMQ, in the foreground; Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -9,6 +10,7 @@ export RUST_LOG=${RUST_LOG:-info}
 export LOG_FORMAT=${LOG_FORMAT:-pretty}
 ORDERS_DB=${ORDER_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/orderflow_orders}
 PROCESSOR_DB=${PROCESSOR_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/orderflow_processor}
+LOYALTY_DB=${LOYALTY_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/orderflow_loyalty}
 LOGS=${LOGS:-.run}
 mkdir -p "$LOGS"
 
@@ -56,26 +58,34 @@ start order-service "$BIN/order-service" --database-url "$ORDERS_DB"
 wait_healthy order-service http://127.0.0.1:8000/health
 start processor-service "$BIN/processor-service" --database-url "$PROCESSOR_DB"
 wait_healthy processor-service http://127.0.0.1:8001/health
+start loyalty-service "$BIN/loyalty-service" --database-url "$LOYALTY_DB"
+wait_healthy loyalty-service http://127.0.0.1:8002/health
 start relay-orders "$BIN/outbox-relay" run --database-url "$ORDERS_DB" --relay-id orders-1 --metrics-addr 127.0.0.1:9100 \
   --consumers-file contracts/consumers.json --consumer orders
 start relay-processor "$BIN/outbox-relay" run --database-url "$PROCESSOR_DB" --relay-id processor-1 --metrics-addr 127.0.0.1:9101 \
   --consumers-file contracts/consumers.json --consumer inventory,payment,shipping,notification
+start relay-loyalty "$BIN/outbox-relay" run --database-url "$LOYALTY_DB" --relay-id loyalty-1 --metrics-addr 127.0.0.1:9102 \
+  --consumer loyalty
 wait_healthy relay-orders http://127.0.0.1:9100/health
 wait_healthy relay-processor http://127.0.0.1:9101/health
+wait_healthy relay-loyalty http://127.0.0.1:9102/health
 
 cat <<MSG
 
 orderflow is running (logs in $LOGS/):
   order-service      http://127.0.0.1:8000   (Swagger UI: http://127.0.0.1:8000/swagger-ui/)
   processor-service  http://127.0.0.1:8001   (Swagger UI: http://127.0.0.1:8001/swagger-ui/)
+  loyalty-service    http://127.0.0.1:8002   (the example service: GET /customers/{id}/points)
   relay (orders)     http://127.0.0.1:9100/metrics   (console: http://127.0.0.1:9100/console)
   relay (processor)  http://127.0.0.1:9101/metrics   (console: http://127.0.0.1:9101/console)
+  relay (loyalty)    http://127.0.0.1:9102/metrics   (console: http://127.0.0.1:9102/console)
   RabbitMQ           amqp://127.0.0.1:5672   PostgreSQL 127.0.0.1:5432
 
 Try:
   curl -s -XPOST localhost:8000/orders -H 'content-type: application/json' \\
     -d '{"order_id":"ord-001","customer_id":"cust-123","items":[{"sku":"laptop","quantity":1,"price":1200.0}]}'
   curl -s localhost:8000/orders/ord-001
+  curl -s localhost:8002/customers/cust-123/points     # once it is confirmed
 
 $(if [[ -n "${ADMIN_TOKEN:-}" ]]; then
   echo "Product and stock writes need: Authorization: Bearer \$ADMIN_TOKEN"
