@@ -31,6 +31,7 @@ tools: ## Install the test runner (cargo-nextest) and, for the relay console's b
 test: services tools ## Run every test against real PostgreSQL and RabbitMQ, fuzz the HTTP contracts, validate infra files
 	$(CARGO) build --workspace --bins
 	$(CARGO) nextest run --workspace --profile ci
+	$(CARGO) test --doc --workspace --quiet
 	BIN=$(CARGO_TARGET_DIR)/debug infra/local/fuzz.sh
 	infra/local/validate.sh
 
@@ -41,9 +42,12 @@ validate-infra: ## Validate the compose file, the Kubernetes manifests, Promethe
 fuzz: services build ## Fuzz both services' OpenAPI contracts with schemathesis (no 5xx, nothing outside the documented schema)
 	BIN=$(CARGO_TARGET_DIR)/debug infra/local/fuzz.sh
 
-lint: ## Formatting, clippy (warnings are errors), unused dependencies (cargo machete), supply chain (cargo deny)
+lint: ## Formatting, clippy and cargo doc (warnings are errors), module cycles, no test hooks in shipped builds, unused dependencies (cargo machete), supply chain (cargo deny)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --quiet
+	infra/local/cycles.py
+	infra/local/shipped.sh
 	infra/local/machete.sh
 	infra/local/deny.sh
 

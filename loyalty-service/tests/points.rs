@@ -108,8 +108,8 @@ async fn points_are_granted_once_under_duplicate_delivery_and_revoked_on_cancel(
     // re-confirms the order under a new message id (a replay).
     let customer = format!("c-{}", Uuid::now_v7());
     let order = format!("ord-{}", Uuid::now_v7());
-    let first = confirmed(&order, &customer, 125_99);
-    for env in [&first, &first, &first, &confirmed(&order, &customer, 125_99)] {
+    let first = confirmed(&order, &customer, 12_599);
+    for env in [&first, &first, &first, &confirmed(&order, &customer, 12_599)] {
         broker.publish(&channel, env).await;
     }
     // A cancellation that overtakes its confirmation (a retried message).
@@ -117,8 +117,8 @@ async fn points_are_granted_once_under_duplicate_delivery_and_revoked_on_cancel(
     broker.publish(&channel, &cancelled(&overtaken, &customer)).await;
     // A fence: once its points show, everything before it was handled.
     let fence = format!("ord-{}", Uuid::now_v7());
-    broker.publish(&channel, &confirmed(&overtaken, &customer, 500_00)).await;
-    broker.publish(&channel, &confirmed(&fence, &customer, 1_00)).await;
+    broker.publish(&channel, &confirmed(&overtaken, &customer, 50_000)).await;
+    broker.publish(&channel, &confirmed(&fence, &customer, 100)).await;
 
     let account = eventually_some("the fence's point is granted", DEADLINE, || async {
         let b = balance(&base, &customer).await?;

@@ -1,5 +1,21 @@
 //! RabbitMQ for orderflow: connecting, declaring the prefixed topology, and
 //! the AMQP properties that mirror an envelope.
+//!
+//! Every name lives under a prefix ([`Topology`]): one topic exchange for
+//! events, and per consumer a quorum queue with a delivery limit, a delay
+//! queue per retry tier (named by its delay) and a dead-letter queue. A
+//! service rarely calls this crate itself: the consumer runtime
+//! (`orderflow-consumer`) declares its consumer's topology at start, and
+//! the relay publishes to the exchange. Errors follow the platform's error
+//! policy (`orderflow_db::error`).
+//!
+//! ```
+//! use orderflow_broker::Topology;
+//!
+//! let topology = Topology::new("orderflow");
+//! assert_eq!(topology.events_exchange(), "orderflow.events");
+//! assert_eq!(topology.queue("loyalty"), "orderflow.loyalty");
+//! ```
 
 mod properties;
 mod topology;

@@ -55,6 +55,63 @@
 //! After a broker session that stayed healthy for
 //! [`ConsumerConfig::reconnect_reset_after`], the reconnect backoff starts
 //! short again.
+//!
+//! Errors follow the platform's error policy (`orderflow_db::error`).
+//!
+//! # Adopting it
+//!
+//! A handler names the events it decodes and changes its rows in the
+//! transaction it is given; the runtime does the rest (inbox, batching,
+//! retries, dead letters, acks after commit). `loyalty-service` is a
+//! complete service built this way.
+//!
+//! ```no_run
+//! use orderflow_consumer::{ConsumerArgs, Handler, HandlerError, Incoming};
+//! use orderflow_db::Conn;
+//! use orderflow_envelope::{DomainEvent, SchemaVersion};
+//! use serde::{Deserialize, Serialize};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! /// An event some other service publishes.
+//! #[derive(Debug, Serialize, Deserialize)]
+//! struct OrderConfirmed {
+//!     order_id: String,
+//!     customer_id: String,
+//! }
+//!
+//! impl DomainEvent for OrderConfirmed {
+//!     const EVENT_TYPE: &'static str = "order.confirmed";
+//!     const AGGREGATE_TYPE: &'static str = "order";
+//!     const SCHEMA_VERSION: SchemaVersion = SchemaVersion::new(2, 0);
+//!     fn aggregate_id(&self) -> String {
+//!         self.order_id.clone()
+//!     }
+//! }
+//!
+//! struct Welcome;
+//!
+//! impl Handler for Welcome {
+//!     // One event type; a sum type implementing `EventSet` takes several.
+//!     type Event = OrderConfirmed;
+//!
+//!     async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, OrderConfirmed>) -> Result<(), HandlerError> {
+//!         use diesel_async::RunQueryDsl;
+//!         // Runs once per message: the inbox row commits with this insert.
+//!         diesel::sql_query("INSERT INTO welcomed (customer_id) VALUES ($1) ON CONFLICT DO NOTHING")
+//!             .bind::<diesel::sql_types::Text, _>(&msg.event.customer_id)
+//!             .execute(conn)
+//!             .await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn start(args: ConsumerArgs, pool: orderflow_db::Pool) -> Result<(), orderflow_consumer::ConsumerError> {
+//! // `args` are the CONSUMER_* and AMQP_URL flags (flatten ConsumerArgs into your clap config).
+//! let cfg = args.config("welcome", &[OrderConfirmed::EVENT_TYPE]);
+//! orderflow_consumer::prepare_at_start(&cfg).await?; // declares the queue, retry tiers, DLQ
+//! tokio::spawn(orderflow_consumer::run(cfg, pool, Welcome, CancellationToken::new()));
+//! # Ok(()) }
+//! ```
 
 mod args;
 mod error;

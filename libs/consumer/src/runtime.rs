@@ -140,10 +140,25 @@ enum SessionEnd {
     /// Shutdown asked for.
     Stopped,
     /// Lost (connection, channel, broker): reconnect.
-    Lost(String),
+    Lost(Box<Lost>),
     /// The broker's topology disagrees with the configuration: retrying
     /// cannot help.
     Misconfigured(Box<ConsumerError>),
+}
+
+/// Why a broker session was lost.
+#[derive(Debug, thiserror::Error)]
+enum Lost {
+    #[error(transparent)]
+    Broker(#[from] orderflow_broker::BrokerError),
+    #[error(transparent)]
+    Topology(#[from] ConsumerError),
+    #[error(transparent)]
+    Channel(#[from] orderflow_broker::lapin::Error),
+    #[error("consumer stream: {0}")]
+    Stream(#[source] orderflow_broker::lapin::Error),
+    #[error("the broker cancelled the consumer")]
+    Cancelled,
 }
 
 /// Runs one consumer until `shutdown` is cancelled, reconnecting to the
@@ -253,12 +268,11 @@ async fn session<H: Handler>(
     shutdown: &CancellationToken,
     consuming_since: &mut Option<Instant>,
 ) -> SessionEnd {
-    let lost = |e: &dyn std::fmt::Display| SessionEnd::Lost(e.to_string());
     let spec = &ctx.cfg.spec;
     let name = format!("consumer:{}", spec.consumer);
     let connection = match orderflow_broker::connect(&ctx.cfg.amqp_url, &name).await {
         Ok(c) => c,
-        Err(e) => return lost(&e),
+        Err(e) => return SessionEnd::Lost(Box::new(e.into())),
     };
     match ctx.cfg.topology.ensure_consumer(&connection, spec).await.map_err(ConsumerError::from) {
         Ok(None) => {}
@@ -267,7 +281,7 @@ async fn session<H: Handler>(
             let _ = connection.close(200, "misconfigured".into()).await;
             return SessionEnd::Misconfigured(Box::new(e));
         }
-        Err(e) => return lost(&e),
+        Err(e) => return SessionEnd::Lost(Box::new(e.into())),
     }
     let opened = async {
         let channel = connection.create_channel().await?;
@@ -289,7 +303,7 @@ async fn session<H: Handler>(
     };
     let (channel, forwarder, mut consumer) = match opened.await {
         Ok(x) => x,
-        Err(e) => return lost(&e),
+        Err(e) => return SessionEnd::Lost(Box::new(e.into())),
     };
     info!(consumer = %spec.consumer, queue = %ctx.cfg.topology.queue(&spec.consumer), "consuming");
     *consuming_since = Some(Instant::now());
@@ -312,8 +326,8 @@ async fn session<H: Handler>(
         };
         let mut batch = match first {
             Some(Ok(delivery)) => vec![delivery],
-            Some(Err(e)) => break SessionEnd::Lost(format!("consumer stream: {e}")),
-            None => break SessionEnd::Lost("consumer cancelled".into()),
+            Some(Err(e)) => break SessionEnd::Lost(Box::new(Lost::Stream(e))),
+            None => break SessionEnd::Lost(Box::new(Lost::Cancelled)),
         };
         // Take what has arrived meanwhile (and, with a linger, what arrives
         // shortly), up to the batch size.
@@ -333,11 +347,11 @@ async fn session<H: Handler>(
             match next {
                 Some(Ok(delivery)) => batch.push(delivery),
                 Some(Err(e)) => {
-                    ended = Some(SessionEnd::Lost(format!("consumer stream: {e}")));
+                    ended = Some(SessionEnd::Lost(Box::new(Lost::Stream(e))));
                     break;
                 }
                 None => {
-                    ended = Some(SessionEnd::Lost("consumer cancelled".into()));
+                    ended = Some(SessionEnd::Lost(Box::new(Lost::Cancelled)));
                     break;
                 }
             }

@@ -1,3 +1,33 @@
+//! Database errors, and the platform's error policy (every crate of
+//! orderflow links here).
+//!
+//! # Error policy
+//!
+//! 1. **Libraries return typed errors.** Each platform crate has its own
+//!    `thiserror` enums ([`DbError`], `BrokerError`, `RelayError`,
+//!    `ConsumerError`, `HandlerError`, `DecodeError`, `ApiError`,
+//!    `StartupError`). A variant that wraps another error keeps it as its
+//!    `source` (`#[from]`/`#[source]`), never as a `String` of its text, so
+//!    a caller can match on it and a log shows the whole chain.
+//! 2. **Binaries add context at the edge.** `main` functions and operator
+//!    commands use `anyhow` with context saying what was being done; a
+//!    failure is one line on stderr and a non-zero exit.
+//! 3. **Errors are classified where a decision is made, once.** [`classify`]
+//!    sorts a database error into connection / conflict / timeout /
+//!    permanent; the consumer runtime turns that into wait, retry now,
+//!    retry later or dead-letter; the HTTP layer into 503 or 500 (a client's
+//!    mistake is a 4xx `Problem` with the field at fault).
+//! 4. **Bad configuration stops the start** with one line naming the
+//!    setting and how to fix it, never a retry loop.
+//! 5. **Stored values map to enums.** A status column read back with a
+//!    value the code does not know is an error, never a silent default.
+//! 6. **Nothing is lost to an error.** A message that cannot be decoded or
+//!    handled is dead-lettered with its reason in a header; a row that
+//!    cannot be published is parked dead with its last error; both can be
+//!    replayed.
+//! 7. **No `unwrap()`/`expect()`** outside tests and start-up (clippy
+//!    warns; CI denies warnings).
+
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 /// Errors of the db crate.
@@ -16,7 +46,7 @@ pub enum DbError {
     Config(String),
     /// Running migrations failed.
     #[error("migration failed: {0}")]
-    Migration(String),
+    Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The connection closed (its notifications ended).
     #[error("the database connection closed")]
     Closed,

@@ -1,7 +1,28 @@
 //! PostgreSQL for orderflow services: the connection pool, the platform
-//! tables (outbox, inbox) defined once, migrations and error classification.
+//! tables (outbox, inbox) defined once, migrations, waiting for `NOTIFY`
+//! ([`Listener`]) and error classification ([`classify`]). The platform's
+//! error policy is written once, in [`error`].
+//!
+//! A service owns one database. At start it opens it: created if asked,
+//! the platform's migrations (`outbox`, `inbox`, `outbox_replays`) run
+//! first, then the service's own, under an advisory lock so that replicas
+//! starting together do not race.
+//!
+//! ```no_run
+//! use diesel_migrations::EmbeddedMigrations;
+//!
+//! # async fn start(my_migrations: EmbeddedMigrations) -> Result<(), orderflow_db::DbError> {
+//! // `my_migrations` = `embed_migrations!("migrations")`: your tables only.
+//! let url = "postgres://postgres@127.0.0.1:5432/loyalty";
+//! let pool = orderflow_db::open(url, 8, true, my_migrations).await?;
+//! # let _ = pool;
+//! // Waiting for a NOTIFY needs a connection of its own.
+//! let mut listener = orderflow_db::Listener::open(url, "my_channel").await?;
+//! listener.notified().await?;
+//! # Ok(()) }
+//! ```
 
-mod error;
+pub mod error;
 mod migrate;
 pub mod schema;
 

@@ -59,7 +59,7 @@ pub async fn ensure_database(url: &str) -> Result<(), DbError> {
 /// lock so concurrent starters do not race. Needs the multi-thread runtime
 /// (diesel's migration harness is synchronous and runs in `block_in_place`).
 pub async fn migrate(pool: &Pool, service: Option<EmbeddedMigrations>) -> Result<(), DbError> {
-    let mut conn = pool.get().await.map_err(|e| DbError::Migration(e.to_string()))?;
+    let mut conn = pool.get().await.map_err(|e| DbError::Migration(e.into()))?;
     sql_query("SELECT pg_advisory_lock($1)").bind::<BigInt, _>(MIGRATION_LOCK).execute(&mut conn).await?;
     let mut harness = AsyncMigrationHarness::new(conn);
     let result = run_all(&mut harness, service);
@@ -73,7 +73,7 @@ fn run_all<H: MigrationHarness<diesel::pg::Pg>>(
     service: Option<EmbeddedMigrations>,
 ) -> Result<(), DbError> {
     for source in std::iter::once(PLATFORM_MIGRATIONS).chain(service) {
-        let applied = harness.run_pending_migrations(source).map_err(|e| DbError::Migration(e.to_string()))?;
+        let applied = harness.run_pending_migrations(source).map_err(DbError::Migration)?;
         for version in applied {
             tracing::info!(%version, "applied migration");
         }

@@ -12,7 +12,8 @@
 //! The platform knows no service's events. A service declares its own, each
 //! a [`DomainEvent`] (routing key, aggregate, schema version), and a consumer
 //! names the events it decodes with an [`EventSet`]: one event type, or a
-//! catalog's sum type of several.
+//! catalog's sum type of several. Errors follow the platform's error policy
+//! (`orderflow_db::error`, libs/db/src/error.rs).
 //!
 //! ```
 //! use orderflow_envelope::{DomainEvent, Envelope, EventSet, Metadata, SchemaVersion};

@@ -8,6 +8,45 @@
 //! - [`relay`] is the relay core run by `outbox-relay`: it claims due rows of
 //!   the lanes it leases, publishes them with publisher confirms and marks
 //!   them published.
+//!
+//! Errors follow the platform's error policy (`orderflow_db::error`).
+//!
+//! Writing an event in the transaction that makes the change, then waking
+//! the relay after the commit (`loyalty-service/src/points.rs` does this
+//! inside a consumer, where the runtime commits and wakes):
+//!
+//! ```no_run
+//! use diesel_async::AsyncConnection;
+//! use orderflow_envelope::{DomainEvent, Metadata, SchemaVersion};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct PointsGranted {
+//!     customer_id: String,
+//!     points: i64,
+//! }
+//!
+//! impl DomainEvent for PointsGranted {
+//!     const EVENT_TYPE: &'static str = "points.granted";
+//!     const AGGREGATE_TYPE: &'static str = "customer";
+//!     const SCHEMA_VERSION: SchemaVersion = SchemaVersion::new(1, 0);
+//!     fn aggregate_id(&self) -> String {
+//!         self.customer_id.clone()
+//!     }
+//! }
+//!
+//! # async fn grant(pool: orderflow_db::Pool, waker: orderflow_outbox::Waker) -> Result<(), Box<dyn std::error::Error>> {
+//! let mut conn = pool.get().await?;
+//! conn.transaction::<_, diesel::result::Error, _>(async |tx| {
+//!     // ... the domain change, with `tx` ...
+//!     let granted = PointsGranted { customer_id: "c-1".into(), points: 5 };
+//!     orderflow_outbox::emit(tx, &granted, 1, &Metadata::default()).await?;
+//!     Ok(())
+//! })
+//! .await?;
+//! waker.wake(); // the relay publishes now rather than at its next poll
+//! # Ok(()) }
+//! ```
 
 pub mod admin;
 pub mod backoff;

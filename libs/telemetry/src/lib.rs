@@ -1,7 +1,11 @@
 //! Logging, tracing and metrics set-up shared by every orderflow process:
 //! logs (JSON or human), OpenTelemetry spans with W3C trace context carried
 //! across services (exported over OTLP when configured), and the Prometheus
-//! recorder.
+//! recorder. Errors follow the platform's error policy (`orderflow_db::error`).
+//!
+//! A service flattens [`LogArgs`] (`RUST_LOG`, `LOG_FORMAT`) into its
+//! configuration; `orderflow_web::run` calls [`init`] with it before
+//! anything else, so every later log line and span is recorded.
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -17,6 +17,27 @@
 //!   continue the caller's trace, and request metrics by route;
 //! - [`Service`]: a server and its consumers, run and drained together;
 //! - [`shutdown_signal`]: a token cancelled on SIGINT or SIGTERM.
+//!
+//! Errors follow the platform's error policy (`orderflow_db::error`). A
+//! service's `main` is [`run`] around a `build` function that returns a
+//! [`Service`] (`loyalty-service/src/app.rs` is a complete one):
+//!
+//! ```no_run
+//! use orderflow_web::{Readiness, Service, StartupError};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! #[derive(utoipa::OpenApi)]
+//! #[openapi(info(title = "my-service"))]
+//! struct ApiDoc;
+//!
+//! async fn build(pool: orderflow_db::Pool, shutdown: CancellationToken) -> Result<Service, StartupError> {
+//!     use utoipa::OpenApi;
+//!     let readiness = Readiness::new(pool, vec![]);
+//!     let addr = "127.0.0.1:8080".parse().expect("an address");
+//!     let (server, port) = orderflow_web::http_server(addr, ApiDoc::openapi(), readiness, |_routes| {})?;
+//!     Ok(Service::new(port, server, vec![], shutdown))
+//! }
+//! ```
 
 pub mod auth;
 mod body;

@@ -63,12 +63,27 @@ pub struct Dispatcher {
     breaker: Arc<CircuitBreaker>,
 }
 
+/// Why a dispatcher round or one delivery's bookkeeping failed; the round
+/// is tried again at the next poll or wake-up.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// No database connection could be had.
+    #[error("database pool: {0}")]
+    Pool(#[from] orderflow_db::PoolError),
+    /// A query failed.
+    #[error("database: {0}")]
+    Db(#[from] diesel::result::Error),
+    /// The HTTP client could not be built.
+    #[error("webhook client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
 #[derive(Debug, thiserror::Error)]
 enum CallError {
     #[error("webhook answered {0}")]
     Status(reqwest::StatusCode),
     #[error("webhook unreachable: {0}")]
-    Transport(String),
+    Transport(#[source] reqwest::Error),
     #[error("circuit breaker open")]
     Open,
 }
@@ -86,8 +101,8 @@ impl Dispatcher {
         database_url: String,
         cfg: WebhookConfig,
         breaker: Arc<CircuitBreaker>,
-    ) -> Result<Self, String> {
-        let client = reqwest::Client::builder().timeout(cfg.timeout).build().map_err(|e| e.to_string())?;
+    ) -> Result<Self, DispatchError> {
+        let client = reqwest::Client::builder().timeout(cfg.timeout).build().map_err(DispatchError::Client)?;
         Ok(Self { pool, database_url, client, cfg, breaker })
     }
 
@@ -132,12 +147,12 @@ impl Dispatcher {
 
     /// One round: lease due notifications and try each. True if the batch
     /// was full (there may be more).
-    async fn round(&self) -> Result<bool, String> {
+    async fn round(&self) -> Result<bool, DispatchError> {
         if self.breaker.try_acquire_peek().is_some() {
             return Ok(false);
         }
         let lease = self.lease();
-        let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+        let mut conn = self.pool.get().await?;
         let due: Vec<Notification> = diesel::sql_query(
             "UPDATE notifications SET next_attempt_at = now() + make_interval(secs => $1) \
              WHERE id IN (SELECT id FROM notifications \
@@ -148,13 +163,12 @@ impl Dispatcher {
         .bind::<Double, _>(lease.as_secs_f64())
         .bind::<BigInt, _>(BATCH)
         .load(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         drop(conn);
         let full = due.len() as i64 == BATCH;
-        let results: Vec<Result<(), String>> =
+        let results: Vec<Result<(), DispatchError>> =
             futures::stream::iter(due).map(|n| self.attempt(n, lease)).buffer_unordered(IN_FLIGHT).collect().await;
-        results.into_iter().collect::<Result<(), String>>()?;
+        results.into_iter().collect::<Result<(), DispatchError>>()?;
         Ok(full)
     }
 
@@ -167,7 +181,12 @@ impl Dispatcher {
 
     /// Renews `n`'s lease if this round still holds it (nobody took it since
     /// it was leased at `n.next_attempt_at`); false if it was lost.
-    async fn renew(&self, conn: &mut orderflow_db::Conn, n: &Notification, lease: Duration) -> Result<bool, String> {
+    async fn renew(
+        &self,
+        conn: &mut orderflow_db::Conn,
+        n: &Notification,
+        lease: Duration,
+    ) -> Result<bool, DispatchError> {
         let renewed = diesel::sql_query(
             "UPDATE notifications SET next_attempt_at = clock_timestamp() + make_interval(secs => $3) \
              WHERE id = $1 AND next_attempt_at = $2 AND status <> 'delivered'",
@@ -176,14 +195,13 @@ impl Dispatcher {
         .bind::<diesel::sql_types::Timestamptz, _>(n.next_attempt_at)
         .bind::<Double, _>(lease.as_secs_f64())
         .execute(conn)
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         Ok(renewed == 1)
     }
 
     /// One attempt at `n`, if its lease still holds, and its outcome.
-    async fn attempt(&self, n: Notification, lease: Duration) -> Result<(), String> {
-        let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+    async fn attempt(&self, n: Notification, lease: Duration) -> Result<(), DispatchError> {
+        let mut conn = self.pool.get().await?;
         if !self.renew(&mut conn, &n, lease).await? {
             tracing::debug!(id = %n.id, "lease lost to another dispatcher; skipping");
             metrics::counter!("notifications_lease_lost_total").increment(1);
@@ -200,8 +218,7 @@ impl Dispatcher {
                             notifications::last_error.eq(None::<String>),
                         ))
                         .execute(&mut conn)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                        .await?;
                     metrics::counter!("notifications_delivered_total").increment(1);
                 }
                 Err(CallError::Open) => {
@@ -222,8 +239,7 @@ impl Dispatcher {
                             notifications::last_error.eq(e.to_string()),
                         ))
                         .execute(&mut conn)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                        .await?;
                     reschedule(&mut conn, n.id, backoff).await?;
                     metrics::counter!("notifications_failed_attempts_total").increment(1);
                 }
@@ -263,7 +279,7 @@ impl Dispatcher {
         let result = match sent {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err(CallError::Status(r.status())),
-            Err(e) => Err(CallError::Transport(e.to_string())),
+            Err(e) => Err(CallError::Transport(e)),
         };
         match &result {
             Ok(()) => self.breaker.on_success(),
@@ -273,12 +289,11 @@ impl Dispatcher {
     }
 }
 
-async fn reschedule(conn: &mut orderflow_db::Conn, id: Uuid, wait: Duration) -> Result<(), String> {
+async fn reschedule(conn: &mut orderflow_db::Conn, id: Uuid, wait: Duration) -> Result<(), DispatchError> {
     diesel::sql_query("UPDATE notifications SET next_attempt_at = now() + make_interval(secs => $2) WHERE id = $1")
         .bind::<diesel::sql_types::Uuid, _>(id)
         .bind::<Double, _>(wait.as_secs_f64())
         .execute(conn)
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string())
+        .await?;
+    Ok(())
 }
