@@ -27,7 +27,7 @@ async fn preflight(url: &str) -> anyhow::Result<()> {
     if !found.present {
         bail!(
             "no outbox table in {}: start the service once (it runs the migrations) or point DATABASE_URL at a service database",
-            orderflow_telemetry::redact_url(url)
+            orderflow_db::redact_url(url)
         );
     }
     Ok(())

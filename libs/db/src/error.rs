@@ -57,7 +57,7 @@ pub enum DbError {
 
 impl DbError {
     pub(crate) fn unreachable(url: &str, reason: impl std::fmt::Display) -> Self {
-        Self::Unreachable { url: orderflow_telemetry::redact_url(url), reason: reason.to_string() }
+        Self::Unreachable { url: crate::redact_url(url), reason: reason.to_string() }
     }
 }
 

@@ -99,6 +99,19 @@ pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
     Ok(pool)
 }
 
+/// The URL with its password shown as `***`, for errors and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL>".to_owned(),
+    }
+}
+
 /// A connection that LISTENs on a channel: the one way the platform waits
 /// for `NOTIFY` (the relay's session, the notification dispatcher).
 /// Notifications need a connection of their own, never a pooled one (it is
@@ -168,6 +181,13 @@ pub async fn open(
 #[cfg(test)]
 mod tests {
     use super::tuned;
+
+    #[test]
+    fn passwords_are_never_shown() {
+        assert_eq!(super::redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact_url("not a url secret"), "<unparseable URL>");
+    }
 
     #[test]
     fn tuning_adds_timeouts_but_keeps_what_the_url_says() {

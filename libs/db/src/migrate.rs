@@ -23,12 +23,12 @@ struct Found {
 /// connecting to the server's `postgres` database.
 pub async fn ensure_database(url: &str) -> Result<(), DbError> {
     let mut parsed =
-        url::Url::parse(url).map_err(|e| DbError::Config(format!("{e}: {}", orderflow_telemetry::redact_url(url))))?;
+        url::Url::parse(url).map_err(|e| DbError::Config(format!("{e}: {}", crate::redact_url(url))))?;
     let name = parsed.path().trim_start_matches('/').to_owned();
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(DbError::Config(format!(
             "database name {name:?} in {} must be non-empty and use only letters, digits and _",
-            orderflow_telemetry::redact_url(url)
+            crate::redact_url(url)
         )));
     }
     parsed.set_path("/postgres");
