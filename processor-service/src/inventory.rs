@@ -8,7 +8,7 @@ use orderflow_db::Conn;
 use orderflow_envelope::Metadata;
 use orderflow_outbox::emit;
 
-use crate::store::{self, Move};
+use crate::store::{self, Move, ReservationStatus};
 
 /// Consumer (and inbox) name.
 pub const CONSUMER: &str = "inventory";
@@ -65,7 +65,7 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
     if e.items.is_empty() || e.items.iter().any(|i| i.quantity <= 0) {
         return Err(HandlerError::Permanent(format!("order {} has no items or a non-positive quantity", e.order_id)));
     }
-    let (existing, created) = store::claim_reservation(conn, &e.order_id, "pending").await?;
+    let (existing, created) = store::claim_reservation(conn, &e.order_id, ReservationStatus::Pending).await?;
     if !created {
         // Decided before, or cancelled before it arrived (a tombstone).
         tracing::info!(order_id = %e.order_id, status = %existing.status, "order already seen by inventory");
@@ -92,7 +92,7 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
     });
     if let Some(reason) = refusal {
         let outcome = if reason.starts_with("price mismatch") { "price_mismatch" } else { "rejected" };
-        store::set_reservation(conn, &e.order_id, "rejected", Some(&e.items), Some(&reason)).await?;
+        store::set_reservation(conn, &e.order_id, ReservationStatus::Rejected, Some(&e.items), Some(&reason)).await?;
         emit(conn, &InventoryRejected { order_id: e.order_id.clone(), reason }, 1, meta).await?;
         metrics::counter!("inventory_reservations_total", "outcome" => outcome).increment(1);
         return Ok(());
@@ -108,7 +108,7 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
     if total_amount != e.total_amount {
         // Every line matched the catalog, so only the stated total is off.
         let reason = format!("total mismatch: order says {}, its lines sum to {}", e.total_amount, total_amount);
-        store::set_reservation(conn, &e.order_id, "rejected", Some(&e.items), Some(&reason)).await?;
+        store::set_reservation(conn, &e.order_id, ReservationStatus::Rejected, Some(&e.items), Some(&reason)).await?;
         emit(conn, &InventoryRejected { order_id: e.order_id.clone(), reason }, 1, meta).await?;
         metrics::counter!("inventory_reservations_total", "outcome" => "rejected").increment(1);
         return Ok(());
@@ -117,7 +117,7 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
         // The rows are locked and were checked: a miss means a bug, not a race.
         return Err(HandlerError::Permanent(format!("stock of {sku} changed under a lock while reserving")));
     }
-    store::set_reservation(conn, &e.order_id, "reserved", Some(&e.items), None).await?;
+    store::set_reservation(conn, &e.order_id, ReservationStatus::Reserved, Some(&e.items), None).await?;
     let reserved = InventoryReserved {
         order_id: e.order_id.clone(),
         customer_id: e.customer_id.clone(),
@@ -136,14 +136,14 @@ async fn release(conn: &mut Conn, order_id: &str, reason: &str, meta: &Metadata)
         tracing::warn!(%order_id, "nothing reserved for this order, nothing to release");
         return Ok(());
     };
-    if reservation.status != "reserved" {
+    if reservation.status != ReservationStatus::Reserved {
         return Ok(());
     }
     let lines = reservation.lines()?;
     if let Some(sku) = store::move_stock(conn, &lines, Move::Release).await? {
         return Err(HandlerError::Permanent(format!("bookkeeping: reserved units of {sku} are missing")));
     }
-    store::set_reservation(conn, order_id, "released", None, Some(reason)).await?;
+    store::set_reservation(conn, order_id, ReservationStatus::Released, None, Some(reason)).await?;
     let event = InventoryReleased { order_id: order_id.to_owned(), items: lines, reason: reason.to_owned() };
     emit(conn, &event, 2, meta).await?;
     metrics::counter!("inventory_releases_total").increment(1);
@@ -154,21 +154,21 @@ async fn release(conn: &mut Conn, order_id: &str, reason: &str, meta: &Metadata)
 /// shipped stock and voids the shipment; before the order arrived, leaves a
 /// tombstone so it reserves nothing later.
 async fn cancel(conn: &mut Conn, order_id: &str, meta: &Metadata) -> Result<(), HandlerError> {
-    let (reservation, created) = store::claim_reservation(conn, order_id, "cancelled").await?;
+    let (reservation, created) = store::claim_reservation(conn, order_id, ReservationStatus::Cancelled).await?;
     if created {
         tracing::info!(%order_id, "cancelled before inventory saw the order");
         return Ok(());
     }
-    match reservation.status.as_str() {
-        "reserved" => release(conn, order_id, "order cancelled", meta).await,
-        "shipped" => {
+    match reservation.status {
+        ReservationStatus::Reserved => release(conn, order_id, "order cancelled", meta).await,
+        ReservationStatus::Shipped => {
             let lines = reservation.lines()?;
             store::void_shipment(conn, order_id).await?;
             if let Some(sku) = store::move_stock(conn, &lines, Move::Return).await? {
                 return Err(HandlerError::Permanent(format!("bookkeeping: shipped units of {sku} are missing")));
             }
             let reason = "order cancelled after shipping; shipment voided";
-            store::set_reservation(conn, order_id, "released", None, Some(reason)).await?;
+            store::set_reservation(conn, order_id, ReservationStatus::Released, None, Some(reason)).await?;
             let event = InventoryReleased { order_id: order_id.to_owned(), items: lines, reason: reason.to_owned() };
             emit(conn, &event, 2, meta).await?;
             metrics::counter!("inventory_releases_total").increment(1);

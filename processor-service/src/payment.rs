@@ -11,7 +11,7 @@ use orderflow_envelope::Metadata;
 use orderflow_outbox::emit;
 use sha2::{Digest, Sha256};
 
-use crate::store;
+use crate::store::{self, PaymentStatus};
 
 /// Consumer (and inbox) name.
 pub const CONSUMER: &str = "payment";
@@ -87,7 +87,8 @@ impl Payments {
         if e.total_amount < Money::ZERO {
             return Err(HandlerError::Permanent(format!("negative amount {}", e.total_amount)));
         }
-        let (payment, created) = store::claim_payment(conn, &e.order_id, "pending", e.total_amount.minor()).await?;
+        let (payment, created) =
+            store::claim_payment(conn, &e.order_id, PaymentStatus::Pending, e.total_amount.minor()).await?;
         if !created {
             // Charged (or declined) before, or cancelled first: never twice.
             tracing::info!(order_id = %e.order_id, status = %payment.status, "payment already decided");
@@ -95,7 +96,7 @@ impl Payments {
         }
         match self.rules.decide(e) {
             Ok(()) => {
-                store::set_payment(conn, &e.order_id, "authorized", None).await?;
+                store::set_payment(conn, &e.order_id, PaymentStatus::Authorized, None).await?;
                 let event = PaymentAuthorized {
                     order_id: e.order_id.clone(),
                     payment_id: payment.payment_id,
@@ -106,7 +107,7 @@ impl Payments {
                 metrics::counter!("payments_total", "outcome" => "authorized").increment(1);
             }
             Err(reason) => {
-                store::set_payment(conn, &e.order_id, "declined", Some(&reason)).await?;
+                store::set_payment(conn, &e.order_id, PaymentStatus::Declined, Some(&reason)).await?;
                 emit(conn, &PaymentDeclined { order_id: e.order_id.clone(), reason }, 1, meta).await?;
                 metrics::counter!("payments_total", "outcome" => "declined").increment(1);
             }
@@ -118,11 +119,11 @@ impl Payments {
 /// Refunds an authorized payment of a cancelled order; before any payment,
 /// leaves a tombstone so the order is never charged.
 async fn refund(conn: &mut Conn, order_id: &str, meta: &Metadata) -> Result<(), HandlerError> {
-    let (payment, created) = store::claim_payment(conn, order_id, "cancelled", 0).await?;
-    if created || payment.status != "authorized" {
+    let (payment, created) = store::claim_payment(conn, order_id, PaymentStatus::Cancelled, 0).await?;
+    if created || payment.status != PaymentStatus::Authorized {
         return Ok(());
     }
-    store::set_payment(conn, order_id, "refunded", Some("order cancelled")).await?;
+    store::set_payment(conn, order_id, PaymentStatus::Refunded, Some("order cancelled")).await?;
     let event = PaymentRefunded {
         order_id: order_id.to_owned(),
         payment_id: payment.payment_id,

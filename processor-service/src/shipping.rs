@@ -6,7 +6,7 @@ use orderflow_db::Conn;
 use orderflow_envelope::Metadata;
 use orderflow_outbox::emit;
 
-use crate::store::{self, Move};
+use crate::store::{self, Move, PaymentStatus, ReservationStatus};
 
 /// Consumer (and inbox) name.
 pub const CONSUMER: &str = "shipping";
@@ -55,13 +55,13 @@ async fn ship(conn: &mut Conn, e: &PaymentAuthorized, meta: &Metadata) -> Result
     let Some(reservation) = store::lock_reservation(conn, &e.order_id).await? else {
         return Err(HandlerError::Permanent(format!("order {} was paid but never reserved", e.order_id)));
     };
-    if reservation.status != "reserved" {
+    if reservation.status != ReservationStatus::Reserved {
         // Cancelled (released) meanwhile, or already shipped.
         tracing::info!(order_id = %e.order_id, status = %reservation.status, "not shipping");
         return Ok(());
     }
     match store::lock_payment(conn, &e.order_id).await? {
-        Some(p) if p.status == "authorized" => {}
+        Some(p) if p.status == PaymentStatus::Authorized => {}
         other => {
             tracing::info!(order_id = %e.order_id, payment = ?other.map(|p| p.status), "payment no longer authorized, not shipping");
             return Ok(());
@@ -74,7 +74,7 @@ async fn ship(conn: &mut Conn, e: &PaymentAuthorized, meta: &Metadata) -> Result
     if let Some(sku) = store::move_stock(conn, &lines, Move::Ship).await? {
         return Err(HandlerError::Permanent(format!("bookkeeping: reserved units of {sku} are missing")));
     }
-    store::set_reservation(conn, &e.order_id, "shipped", None, None).await?;
+    store::set_reservation(conn, &e.order_id, ReservationStatus::Shipped, None, None).await?;
     let event = ShipmentCreated {
         order_id: e.order_id.clone(),
         shipment_id: shipment.shipment_id,

@@ -201,12 +201,106 @@ pub async fn move_stock(conn: &mut Conn, items: &[LineItem], mv: Move) -> QueryR
     Ok(None)
 }
 
+/// Declares a status column's enum: its values as the column stores them,
+/// and reading it back, where a value the code does not know is an error
+/// (the row fails to load), never a silent default.
+macro_rules! status_column {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)*
+        }
+
+        impl $name {
+            /// The value as the column stores it.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = UnknownStatus;
+
+            fn try_from(text: String) -> Result<Self, UnknownStatus> {
+                match text.as_str() {
+                    $($text => Ok(Self::$variant),)*
+                    _ => Err(UnknownStatus { column: stringify!($name), value: text }),
+                }
+            }
+        }
+    };
+}
+
+/// A status column held a value this version does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {column} {value:?} in the database (written by a newer version?)")]
+pub struct UnknownStatus {
+    /// The enum read.
+    pub column: &'static str,
+    /// The value found.
+    pub value: String,
+}
+
+status_column! {
+    /// Where an order's stock stands (`reservations.status`).
+    ReservationStatus {
+        /// Claimed, not decided yet.
+        Pending => "pending",
+        /// Stock held for every line.
+        Reserved => "reserved",
+        /// Not enough stock (or a bad line): nothing held.
+        Rejected => "rejected",
+        /// Held stock went back on hand.
+        Released => "released",
+        /// Stock left with the shipment.
+        Shipped => "shipped",
+        /// Cancelled before inventory decided: a tombstone.
+        Cancelled => "cancelled",
+    }
+}
+
+status_column! {
+    /// Where an order's payment stands (`payments.status`).
+    PaymentStatus {
+        /// Claimed, not decided yet.
+        Pending => "pending",
+        /// Charged.
+        Authorized => "authorized",
+        /// Not charged.
+        Declined => "declined",
+        /// Charged, then given back.
+        Refunded => "refunded",
+        /// Cancelled before payment decided: a tombstone.
+        Cancelled => "cancelled",
+    }
+}
+
+status_column! {
+    /// A shipment's state (`shipments.status`).
+    ShipmentStatus {
+        /// Shipped.
+        Created => "created",
+        /// Voided by a cancellation after shipping.
+        Voided => "voided",
+    }
+}
+
 /// A reservation row.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = reservations)]
 pub struct Reservation {
     pub order_id: String,
-    pub status: String,
+    #[diesel(deserialize_as = String)]
+    pub status: ReservationStatus,
     pub items: serde_json::Value,
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -226,9 +320,13 @@ impl Reservation {
 ///
 /// Whoever comes first (the order or its cancellation) creates the row;
 /// the other waits on the lock and then sees what the first decided.
-pub async fn claim_reservation(conn: &mut Conn, order_id: &str, status: &str) -> QueryResult<(Reservation, bool)> {
+pub async fn claim_reservation(
+    conn: &mut Conn,
+    order_id: &str,
+    status: ReservationStatus,
+) -> QueryResult<(Reservation, bool)> {
     let created = diesel::insert_into(reservations::table)
-        .values((reservations::order_id.eq(order_id), reservations::status.eq(status)))
+        .values((reservations::order_id.eq(order_id), reservations::status.eq(status.as_str())))
         .on_conflict_do_nothing()
         .execute(conn)
         .await?
@@ -246,14 +344,14 @@ pub async fn lock_reservation(conn: &mut Conn, order_id: &str) -> QueryResult<Op
 pub async fn set_reservation(
     conn: &mut Conn,
     order_id: &str,
-    status: &str,
+    status: ReservationStatus,
     items: Option<&[LineItem]>,
     reason: Option<&str>,
 ) -> QueryResult<()> {
     let items = items.map(|i| serde_json::to_value(i).unwrap_or_default());
     diesel::update(reservations::table.find(order_id))
         .set((
-            reservations::status.eq(status),
+            reservations::status.eq(status.as_str()),
             items.map(|i| reservations::items.eq(i)),
             reason.map(|r| reservations::reason.eq(r.to_owned())),
             reservations::updated_at.eq(diesel::dsl::now),
@@ -270,20 +368,26 @@ pub struct Payment {
     pub order_id: String,
     pub payment_id: Uuid,
     pub amount: i64,
-    pub status: String,
+    #[diesel(deserialize_as = String)]
+    pub status: PaymentStatus,
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 /// As [`claim_reservation`], for the order's payment.
-pub async fn claim_payment(conn: &mut Conn, order_id: &str, status: &str, amount: i64) -> QueryResult<(Payment, bool)> {
+pub async fn claim_payment(
+    conn: &mut Conn,
+    order_id: &str,
+    status: PaymentStatus,
+    amount: i64,
+) -> QueryResult<(Payment, bool)> {
     let created = diesel::insert_into(payments::table)
         .values((
             payments::order_id.eq(order_id),
             payments::payment_id.eq(Uuid::now_v7()),
             payments::amount.eq(amount),
-            payments::status.eq(status),
+            payments::status.eq(status.as_str()),
         ))
         .on_conflict_do_nothing()
         .execute(conn)
@@ -299,10 +403,15 @@ pub async fn lock_payment(conn: &mut Conn, order_id: &str) -> QueryResult<Option
 }
 
 /// Sets a payment's status (and reason when given).
-pub async fn set_payment(conn: &mut Conn, order_id: &str, status: &str, reason: Option<&str>) -> QueryResult<()> {
+pub async fn set_payment(
+    conn: &mut Conn,
+    order_id: &str,
+    status: PaymentStatus,
+    reason: Option<&str>,
+) -> QueryResult<()> {
     diesel::update(payments::table.find(order_id))
         .set((
-            payments::status.eq(status),
+            payments::status.eq(status.as_str()),
             reason.map(|r| payments::reason.eq(r.to_owned())),
             payments::updated_at.eq(diesel::dsl::now),
         ))
@@ -318,7 +427,8 @@ pub struct Shipment {
     pub order_id: String,
     pub shipment_id: Uuid,
     pub tracking_number: String,
-    pub status: String,
+    #[diesel(deserialize_as = String)]
+    pub status: ShipmentStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -332,7 +442,7 @@ pub async fn create_shipment(conn: &mut Conn, order_id: &str) -> QueryResult<Opt
             shipments::order_id.eq(order_id),
             shipments::shipment_id.eq(shipment_id),
             shipments::tracking_number.eq(&tracking),
-            shipments::status.eq("created"),
+            shipments::status.eq(ShipmentStatus::Created.as_str()),
         ))
         .on_conflict_do_nothing()
         .returning(Shipment::as_returning())
@@ -343,10 +453,11 @@ pub async fn create_shipment(conn: &mut Conn, order_id: &str) -> QueryResult<Opt
 
 /// Voids the order's shipment; true if there was a live one.
 pub async fn void_shipment(conn: &mut Conn, order_id: &str) -> QueryResult<bool> {
-    let n = diesel::update(shipments::table.find(order_id).filter(shipments::status.eq("created")))
-        .set((shipments::status.eq("voided"), shipments::updated_at.eq(diesel::dsl::now)))
-        .execute(conn)
-        .await?;
+    let n =
+        diesel::update(shipments::table.find(order_id).filter(shipments::status.eq(ShipmentStatus::Created.as_str())))
+            .set((shipments::status.eq(ShipmentStatus::Voided.as_str()), shipments::updated_at.eq(diesel::dsl::now)))
+            .execute(conn)
+            .await?;
     Ok(n == 1)
 }
 
@@ -355,4 +466,45 @@ fn tracking_number(shipment_id: Uuid) -> String {
     // The low bits of a UUIDv7 are random; the high ones are a timestamp.
     let hex = shipment_id.simple().to_string().to_uppercase();
     format!("OF{}", &hex[hex.len() - 14..])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn statuses_read_back_what_they_write_and_refuse_the_unknown() {
+        for s in [ReservationStatus::Pending, ReservationStatus::Shipped, ReservationStatus::Cancelled] {
+            assert_eq!(ReservationStatus::try_from(s.as_str().to_owned()).unwrap(), s);
+        }
+        assert_eq!(PaymentStatus::try_from("refunded".to_owned()).unwrap(), PaymentStatus::Refunded);
+        let err = PaymentStatus::try_from("chargeback".to_owned()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown PaymentStatus \"chargeback\" in the database (written by a newer version?)"
+        );
+        assert!(ShipmentStatus::try_from("lost".to_owned()).is_err());
+    }
+
+    /// Every value the migrations' CHECK constraints allow is one the code
+    /// knows: a row never fails to load on a value this version wrote.
+    #[test]
+    fn the_enums_cover_the_check_constraints() {
+        let sql = include_str!("../migrations/2026-11-21-000001_processor/up.sql");
+        let allowed = |column_start: &str| -> Vec<String> {
+            let list = &sql[sql.find(column_start).unwrap()..];
+            let close = list.find(')').unwrap();
+            list[..close].split(',').map(|v| v.trim().trim_matches('\'').to_owned()).collect()
+        };
+        for v in allowed("'pending', 'reserved'") {
+            assert!(ReservationStatus::try_from(v.clone()).is_ok(), "reservation status {v}");
+        }
+        for v in allowed("'pending', 'authorized'") {
+            assert!(PaymentStatus::try_from(v.clone()).is_ok(), "payment status {v}");
+        }
+        for v in allowed("'created', 'voided'") {
+            assert!(ShipmentStatus::try_from(v.clone()).is_ok(), "shipment status {v}");
+        }
+    }
 }

@@ -22,8 +22,7 @@ struct Found {
 /// Creates the database named in `url` if it does not exist yet, by
 /// connecting to the server's `postgres` database.
 pub async fn ensure_database(url: &str) -> Result<(), DbError> {
-    let mut parsed =
-        url::Url::parse(url).map_err(|e| DbError::Config(format!("{e}: {}", crate::redact_url(url))))?;
+    let mut parsed = url::Url::parse(url).map_err(|e| DbError::Config(format!("{e}: {}", crate::redact_url(url))))?;
     let name = parsed.path().trim_start_matches('/').to_owned();
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(DbError::Config(format!(
