@@ -67,6 +67,9 @@ impl Addresses {
             if entry.is_empty() {
                 return Err(bad("nothing between the commas".into()));
             }
+            if !entry.contains("://") {
+                return Err(bad("expected amqp://user:password@host:port/vhost".into()));
+            }
             let url = url::Url::parse(entry).map_err(|e| bad(e.to_string()))?;
             if !matches!(url.scheme(), "amqp" | "amqps") {
                 return Err(bad(format!("scheme {} is not amqp or amqps", url.scheme())));
@@ -235,7 +238,10 @@ mod tests {
         assert!(e.starts_with("broker address 1 of 1 (amqp://u:***@a:99999/%2f) is not an AMQP URL: "), "{e}");
         assert!(!e.contains("secret"), "{e}");
         let e = Addresses::parse("rabbit-0:5672").unwrap_err().to_string();
-        assert!(e.starts_with("broker address 1 of 1 (rabbit-0:5672) is not an AMQP URL"), "{e}");
+        assert_eq!(
+            e,
+            "broker address 1 of 1 (rabbit-0:5672) is not an AMQP URL: expected amqp://user:password@host:port/vhost"
+        );
         let e = Addresses::parse("amqp://u:secret@a/%2f?heartbeat=soon").unwrap_err().to_string();
         assert!(e.starts_with("broker address 1 of 1 (amqp://u:***@a/%2f?heartbeat=soon)"), "{e}");
         assert!(!e.contains("secret"), "{e}");
