@@ -6,7 +6,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/orderflow/target
 CARGO ?= cargo
 
-.PHONY: help run build man test fuzz validate-infra lint fmt bench bench-system chaos infra-up infra-down tools services clean-test-data
+.PHONY: help run build man test fuzz validate-infra lint fmt bench bench-system chaos chaos-cluster cluster cluster-stop infra-up infra-down tools services clean-test-data
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -69,12 +69,22 @@ DURATION ?= 2m
 CLIENTS ?= 6
 RELAYS ?= 2
 SEED ?=
-chaos: services ## Long fault run: orders while processes are killed and connections cut; prints faults and invariants
+chaos: services ## Long fault run: orders while processes are killed and connections cut, then the cluster run (chaos-cluster); prints faults and invariants
 	$(CARGO) build -p orderflow-e2e --bins
 	@echo "process logs: $(CARGO_TARGET_DIR)/chaos-processes.log"
 	TEST_CHILD_STDERR=$(CARGO_TARGET_DIR)/chaos-processes.log \
 	  $(CARGO_TARGET_DIR)/debug/chaos --orders $(ORDERS) --duration $(DURATION) --clients $(CLIENTS) \
 	  --relays-per-db $(RELAYS) $(if $(SEED),--seed $(SEED),)
+	$(MAKE) --no-print-directory chaos-cluster
+
+chaos-cluster: services ## Orders through 2+2 service replicas and 3 relays per database while nodes of a local 3-node RabbitMQ cluster are killed, stopped and cut off (~5 min; docs/cluster.md)
+	$(CARGO) nextest run -p orderflow-e2e --test cluster --ignore-default-filter --no-capture
+
+cluster: ## Start a local 3-node RabbitMQ cluster on ports 5681-5683 beside the shared broker; prints its AMQP_URL (stop: make cluster-stop)
+	infra/local/cluster.sh start
+
+cluster-stop: ## Stop the local cluster and delete its data
+	infra/local/cluster.sh stop
 
 infra-up: ## Start PostgreSQL and RabbitMQ with Docker Compose (needs a Docker engine)
 	docker compose -f infra/docker-compose.yml up -d postgres rabbitmq

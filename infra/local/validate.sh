@@ -22,6 +22,45 @@ echo "compose: infra/docker-compose.yml"
 echo "kubernetes: infra/k8s/*.yaml (1.31, strict)"
 "$VENV/bin/kubernetes-validate" --strict --quiet -k 1.31.0 infra/k8s/*.yaml
 
+echo "kubernetes operators: infra/k8s/operators/*.yaml (custom resources: the fields orderflow relies on)"
+"$VENV/bin/python" - <<'PY'
+import re, sys, yaml
+
+problems = []
+docs = [d for f in ("infra/k8s/operators/rabbitmq.yaml", "infra/k8s/operators/postgres.yaml")
+        for d in yaml.safe_load_all(open(f)) if d]
+rabbits = [d for d in docs if d.get("kind") == "RabbitmqCluster"]
+if len(rabbits) != 1 or rabbits[0].get("apiVersion") != "rabbitmq.com/v1beta1":
+    problems.append("operators/rabbitmq.yaml: expected one RabbitmqCluster (rabbitmq.com/v1beta1)")
+else:
+    r = rabbits[0]
+    name, ns, replicas = r["metadata"]["name"], r["metadata"]["namespace"], r["spec"].get("replicas", 1)
+    if replicas < 3:
+        problems.append(f"RabbitmqCluster {name}: {replicas} replicas; quorum queues need 3 to lose one node")
+    # AMQP_URL must name every node of that cluster (the operator's pods
+    # behind its headless Service).
+    secret = next(d for d in yaml.safe_load_all(open("infra/k8s/10-config.yaml")) if d and d["kind"] == "Secret")
+    url = secret["stringData"]["AMQP_URL"]
+    hosts = [re.sub(r"^.*@", "", u.split("/")[2]).split(":")[0] for u in url.split(",")]
+    wanted = [f"{name}-server-{i}.{name}-nodes.{ns}" for i in range(replicas)]
+    if hosts != wanted:
+        problems.append(f"AMQP_URL names {hosts}, not every node of RabbitmqCluster {name}: {wanted}")
+pgs = [d for d in docs if d.get("kind") == "Cluster" and d.get("apiVersion", "").startswith("postgresql.cnpg.io/")]
+secret = next(d for d in yaml.safe_load_all(open("infra/k8s/10-config.yaml")) if d and d["kind"] == "Secret")
+for key, db in (("ORDER_DATABASE_URL", "orderflow_orders"), ("PROCESSOR_DATABASE_URL", "orderflow_processor")):
+    url = secret["stringData"][key]
+    match = [p for p in pgs if p["spec"]["bootstrap"]["initdb"]["database"] == db]
+    if len(match) != 1:
+        problems.append(f"operators/postgres.yaml: no CloudNativePG Cluster creating {db}")
+        continue
+    host = f'{match[0]["metadata"]["name"]}-rw.{match[0]["metadata"]["namespace"]}'
+    if f"@{host}:" not in url or not url.endswith(f"/{db}"):
+        problems.append(f"{key} does not point at {host} (the primary of {db})")
+for p in problems:
+    print("  " + p, file=sys.stderr)
+sys.exit(1 if problems else 0)
+PY
+
 echo "prometheus: promtool check config, check rules, test rules"
 if ! command -v promtool >/dev/null; then
   # Debian's prometheus package ships promtool.

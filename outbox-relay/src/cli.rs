@@ -150,8 +150,8 @@ pub struct ReplaysArgs {
 /// The broker side of `dlq`.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerTarget {
-    /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    /// RabbitMQ URL; for a cluster, one URL per node separated by commas.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_parser = orderflow_broker::AmqpUrlsParser)]
     pub amqp_url: String,
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "ORDERFLOW_PREFIX", default_value = "orderflow")]
@@ -276,8 +276,8 @@ pub struct Target {
     /// The service database whose outbox is relayed.
     #[arg(long, env = "DATABASE_URL", value_parser = orderflow_telemetry::args::pg_url)]
     pub database_url: String,
-    /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    /// RabbitMQ URL; for a cluster, one URL per node separated by commas.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_parser = orderflow_broker::AmqpUrlsParser)]
     pub amqp_url: String,
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "ORDERFLOW_PREFIX", default_value = "orderflow")]

@@ -178,7 +178,7 @@ impl ChaosReport {
 
 /// The catalog of a chaos run: plenty of one product, little of another
 /// (so some orders fail for stock), one blocked by payment.
-fn catalog() -> Vec<Product> {
+pub fn catalog() -> Vec<Product> {
     vec![Product::new("PLENTY", 500, 100_000), Product::new("SCARCE", 900, 25), Product::new("BANNED", 100, 1000)]
 }
 
@@ -215,7 +215,7 @@ pub fn options(cfg: &ChaosConfig) -> Options {
     }
 }
 
-fn order_body(rng: &mut StdRng, i: usize) -> Value {
+pub fn order_body(rng: &mut StdRng, i: usize) -> Value {
     let mut items = vec![json!({"sku": "PLENTY", "quantity": rng.random_range(1..4), "price": money(500)})];
     match rng.random_range(0..10) {
         0..=2 => items.push(json!({"sku": "SCARCE", "quantity": rng.random_range(1..3), "price": money(900)})),

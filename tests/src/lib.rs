@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 pub use orderflow_testkit::{count, eventually, eventually_some};
 
 pub mod chaos;
+pub mod cluster;
 pub mod invariants;
 pub mod load;
 pub mod storm;
@@ -88,6 +89,9 @@ pub struct Options {
     /// ([`RelayHandle::broker_proxy`]), behind the shared one if there is
     /// one: one relay can be cut off from the broker alone.
     pub relay_broker_proxies: bool,
+    /// The broker every part uses instead of the test broker, e.g. a
+    /// cluster's nodes (several URLs, comma-separated).
+    pub amqp_url: Option<String>,
 }
 
 impl Default for Options {
@@ -111,6 +115,7 @@ impl Default for Options {
             service_env: vec![],
             relay_metrics: false,
             relay_broker_proxies: false,
+            amqp_url: None,
         }
     }
 }

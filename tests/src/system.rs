@@ -52,7 +52,8 @@ impl Running {
         Running::Task { token, handle }
     }
 
-    async fn stop(self) {
+    /// Stops the part: SIGTERM for a process (it drains), cancel for a task.
+    pub async fn stop(self) {
         match self {
             Running::Task { token, handle } => {
                 token.cancel();
@@ -204,7 +205,10 @@ pub const UNROUTABLE_EVENT: &str = "chaos.unrouted";
 impl System {
     /// Starts both services and the relays, and waits until they are ready.
     pub async fn start(opts: Options) -> Self {
-        let broker = TestBroker::new().await;
+        let broker = match &opts.amqp_url {
+            Some(url) => TestBroker::on(url.clone()),
+            None => TestBroker::new().await,
+        };
         for spec in consumer_specs() {
             broker.track(&spec);
         }
@@ -380,6 +384,15 @@ impl System {
         let mut args = self.processor_args(port);
         args.extend(extra.iter().map(|s| s.to_string()));
         self.supervise(&bin("e2e-processor-service"), &args[1..], port).await
+    }
+
+    /// Starts another order-service process on the same database and broker
+    /// (a second replica: its consumer shares the outcome queue). Killed
+    /// when dropped.
+    pub async fn order_replica(&self) -> (Running, u16) {
+        let port = free_port();
+        let args = self.order_args(port);
+        (self.supervise(&bin("e2e-order-service"), &args[1..], port).await, port)
     }
 
     async fn start_orders(&mut self) {

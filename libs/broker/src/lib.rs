@@ -1,5 +1,6 @@
-//! RabbitMQ for orderflow: connecting, declaring the prefixed topology, and
-//! the AMQP properties that mirror an envelope.
+//! RabbitMQ for orderflow: connecting (to one node or to any node of a
+//! cluster), declaring the prefixed topology, and the AMQP properties that
+//! mirror an envelope.
 //!
 //! Every name lives under a prefix ([`Topology`]): one topic exchange for
 //! events, and per consumer a quorum queue with a delivery limit, a delay
@@ -17,22 +18,28 @@
 //! assert_eq!(topology.queue("loyalty"), "orderflow.loyalty");
 //! ```
 
+mod addresses;
 mod properties;
 mod topology;
 
+pub use addresses::{AddressError, Addresses, AmqpUrlsParser, CONNECT_TIMEOUT, connect_any};
 pub use lapin;
 pub use properties::{header_i64, header_str, properties_for};
-pub use topology::{DEAD_LETTER_DELIVERY_LIMIT, QueueSpec, Topology};
+pub use topology::{DEAD_LETTER_DELIVERY_LIMIT, QUORUM_GROUP_SIZE, QueueSpec, Topology};
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 
 /// Errors of the broker crate.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// The broker could not be reached or refused the login.
+    /// The configured broker addresses are not a list of AMQP URLs.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// The broker could not be reached or refused the login (at every
+    /// address, when several are given).
     #[error("cannot connect to RabbitMQ at {url}: {reason}")]
     Unreachable {
-        /// The URL tried, password redacted.
+        /// The URLs tried, passwords redacted.
         url: String,
         /// What the client said.
         reason: String,
@@ -67,6 +74,14 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
+    /// The queue argument an [`BrokerError::Inequivalent`] refusal is about.
+    pub fn argument(&self) -> Option<&str> {
+        match self {
+            Self::Inequivalent { argument, .. } => Some(argument),
+            _ => None,
+        }
+    }
+
     /// Wraps a lapin error with what was being done.
     pub fn op(op: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
         let op = op.into();
@@ -74,10 +89,9 @@ impl BrokerError {
     }
 }
 
-/// Opens a connection named `name` (shown in the management UI).
-pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props)
-        .await
-        .map_err(|e| BrokerError::Unreachable { url: orderflow_telemetry::redact_url(url), reason: e.to_string() })
+/// Opens a connection named `name` (shown in the management UI) to the
+/// broker at `urls`: one AMQP URL, or several nodes of a cluster separated
+/// by commas, tried in turn as [`connect_any`] says.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection, BrokerError> {
+    connect_any(&Addresses::parse(urls)?, name).await
 }

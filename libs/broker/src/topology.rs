@@ -13,6 +13,12 @@ use crate::BrokerError;
 /// unlimited on 4.x only; a large positive limit means the same everywhere.)
 pub const DEAD_LETTER_DELIVERY_LIMIT: i32 = i32::MAX;
 
+/// The queue argument that sets how many nodes hold a replica of a new
+/// quorum queue. It only applies when the queue is created, yet the broker
+/// still compares it on every later declaration (`PRECONDITION_FAILED` if
+/// it differs, "none" included: checked on RabbitMQ 3.10).
+pub const QUORUM_GROUP_SIZE: &str = "x-quorum-initial-group-size";
+
 /// The names of every exchange and queue, under one prefix so that tests and
 /// tenants can share a broker.
 ///
@@ -33,9 +39,16 @@ pub const DEAD_LETTER_DELIVERY_LIMIT: i32 = i32::MAX;
 /// The work queue's delivery limit is an argument of the queue and cannot
 /// change in place: declaring it with another limit fails with
 /// [`BrokerError::Inequivalent`].
+///
+/// Replicas: every queue is a quorum queue. Unless
+/// [`Topology::with_quorum_replicas`] says otherwise, no group size is sent
+/// and the broker gives a new queue its default, `quorum_cluster_size` (3)
+/// capped at the nodes in the cluster: all nodes up to three, one on a
+/// single node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     prefix: String,
+    quorum_replicas: Option<u16>,
 }
 
 /// What a consumer needs declared: its queue, bindings, retry tiers and the
@@ -56,7 +69,23 @@ pub struct QueueSpec {
 impl Topology {
     /// A topology whose names all start with `prefix`.
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self { prefix: prefix.into(), quorum_replicas: None }
+    }
+
+    /// New quorum queues get `replicas` members (capped by the broker at the
+    /// nodes in the cluster) instead of the broker's default. Existing
+    /// queues keep theirs: [`Topology::ensure_consumer`] accepts a queue
+    /// created with another group size, and `rabbitmq-queues grow` /
+    /// `shrink` change its members in place.
+    pub fn with_quorum_replicas(mut self, replicas: Option<u16>) -> Self {
+        self.quorum_replicas = replicas;
+        self
+    }
+
+    /// The group size new quorum queues are declared with (`None`: the
+    /// broker's default).
+    pub fn quorum_replicas(&self) -> Option<u16> {
+        self.quorum_replicas
     }
 
     /// The prefix.
@@ -105,16 +134,20 @@ impl Topology {
     /// [`BrokerError::Inequivalent`] (and the broker closes `channel`).
     pub async fn declare_consumer(&self, channel: &Channel, spec: &QueueSpec) -> Result<(), BrokerError> {
         self.declare_exchange(channel).await?;
+        let mut decl = Declarer { connection: None, channel: channel.clone(), replicas: self.quorum_replicas };
         let dlq = self.dead_letter_queue(&spec.consumer);
-        Self::declare_dead_letter_queue(channel, &dlq).await?;
-        self.declare_work_and_retry_queues(channel, spec).await
+        decl.queue(&dlq, dead_letter_args()).await?;
+        self.declare_work_and_retry_queues(&mut decl, spec).await
     }
 
     /// Like [`Topology::declare_consumer`], on channels of its own, and
-    /// lenient about one thing: a dead-letter queue declared by an older
-    /// version (without the explicit delivery limit) is kept and used as it
-    /// is; the returned warning says how to migrate it. Anything else that
-    /// differs fails with [`BrokerError::Inequivalent`].
+    /// lenient about two things. A queue created with another quorum group
+    /// size (another `AMQP_QUORUM_REPLICAS`, or before it was set) is
+    /// declared again with its own: the group size only applies at
+    /// creation. A dead-letter queue declared by an older version (without
+    /// the explicit delivery limit) is kept and used as it is; the returned
+    /// warning says how to migrate it. Anything else that differs fails
+    /// with [`BrokerError::Inequivalent`].
     pub async fn ensure_consumer(
         &self,
         connection: &lapin::Connection,
@@ -122,11 +155,12 @@ impl Topology {
     ) -> Result<Option<String>, BrokerError> {
         let channel = connection.create_channel().await.map_err(BrokerError::op("open a channel"))?;
         self.declare_exchange(&channel).await?;
+        let mut decl = Declarer { connection: Some(connection), channel, replicas: self.quorum_replicas };
         let dlq = self.dead_letter_queue(&spec.consumer);
         let mut warning = None;
-        let channel = match Self::declare_dead_letter_queue(&channel, &dlq).await {
-            Ok(()) => channel,
-            Err(BrokerError::Inequivalent { argument, existing, .. }) => {
+        match decl.queue(&dlq, dead_letter_args()).await {
+            Ok(()) => {}
+            Err(BrokerError::Inequivalent { argument, existing, .. }) if argument != QUORUM_GROUP_SIZE => {
                 // The broker closed that channel; the queue exists, so a
                 // passive declaration on a new one succeeds.
                 let channel = connection.create_channel().await.map_err(BrokerError::op("open a channel"))?;
@@ -140,25 +174,28 @@ impl Topology {
                      {DEAD_LETTER_DELIVERY_LIMIT}); it is used as it is, but on RabbitMQ 4.x inspecting it may drop \
                      messages: move its messages elsewhere (e.g. a shovel), delete it, and restart to redeclare it"
                 ));
-                channel
+                decl.channel = channel;
             }
             Err(e) => return Err(e),
-        };
-        self.declare_work_and_retry_queues(&channel, spec).await?;
-        let _ = channel.close(200, "declared".into()).await;
+        }
+        self.declare_work_and_retry_queues(&mut decl, spec).await?;
+        let _ = decl.channel.close(200, "declared".into()).await;
         Ok(warning)
     }
 
     /// Declares a dead-letter queue: a durable quorum queue whose delivery
     /// limit is [`DEAD_LETTER_DELIVERY_LIMIT`], so that taking and giving
-    /// back its messages (inspection) never drops them.
+    /// back its messages (inspection) never drops them. The broker picks its
+    /// replicas (see [`Topology`]).
     pub async fn declare_dead_letter_queue(channel: &Channel, name: &str) -> Result<(), BrokerError> {
-        let mut args = quorum();
-        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DEAD_LETTER_DELIVERY_LIMIT));
-        declare_queue(channel, name, args).await
+        declare_queue(channel, name, dead_letter_args()).await
     }
 
-    async fn declare_work_and_retry_queues(&self, channel: &Channel, spec: &QueueSpec) -> Result<(), BrokerError> {
+    async fn declare_work_and_retry_queues(
+        &self,
+        decl: &mut Declarer<'_>,
+        spec: &QueueSpec,
+    ) -> Result<(), BrokerError> {
         let queue = self.queue(&spec.consumer);
         let dlq = self.dead_letter_queue(&spec.consumer);
         // Past the delivery limit the broker moves the message to the DLQ
@@ -173,9 +210,9 @@ impl Topology {
         args.insert("x-dead-letter-routing-key".into(), long(&dlq));
         args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         args.insert("x-overflow".into(), long("reject-publish"));
-        declare_queue(channel, &queue, args).await?;
+        decl.queue(&queue, args).await?;
         for key in &spec.bindings {
-            channel
+            decl.channel
                 .queue_bind(
                     queue.as_str().into(),
                     self.events_exchange().as_str().into(),
@@ -200,7 +237,7 @@ impl Topology {
             args.insert("x-dead-letter-routing-key".into(), long(&queue));
             args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
             args.insert("x-overflow".into(), long("reject-publish"));
-            declare_queue(channel, &self.retry_queue(&spec.consumer, *delay), args).await?;
+            decl.queue(&self.retry_queue(&spec.consumer, *delay), args).await?;
         }
         Ok(())
     }
@@ -238,6 +275,62 @@ impl Topology {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// Declares queues on a channel, adding the topology's quorum group size;
+/// with a connection, it gets over a queue created with another group size.
+struct Declarer<'a> {
+    /// For a fresh channel after a refusal (the broker closes the channel
+    /// it refused on); `None` is strict.
+    connection: Option<&'a lapin::Connection>,
+    channel: Channel,
+    replicas: Option<u16>,
+}
+
+impl Declarer<'_> {
+    async fn queue(&mut self, name: &str, args: FieldTable) -> Result<(), BrokerError> {
+        let mut wanted = args.clone();
+        if let Some(n) = self.replicas {
+            wanted.insert(QUORUM_GROUP_SIZE.into(), AMQPValue::LongInt(i32::from(n)));
+        }
+        let refusal = match declare_queue(&self.channel, name, wanted).await {
+            Err(e @ BrokerError::Inequivalent { .. }) if e.argument() == Some(QUORUM_GROUP_SIZE) => e,
+            done => return done,
+        };
+        let existing = match (&refusal, self.connection) {
+            (BrokerError::Inequivalent { existing, .. }, Some(connection)) => {
+                group_size(existing).map(|n| (connection, n, existing.clone()))
+            }
+            _ => None,
+        };
+        let Some((connection, existing, shown)) = existing else { return Err(refusal) };
+        // The group size only applied when the queue was created; the queue
+        // keeps its members, so it is declared again with its own value.
+        self.channel = connection.create_channel().await.map_err(BrokerError::op("open a channel"))?;
+        let mut own = args;
+        if let Some(n) = existing {
+            own.insert(QUORUM_GROUP_SIZE.into(), AMQPValue::LongInt(n));
+        }
+        tracing::info!(
+            queue = name,
+            group_size = %shown,
+            "queue created with another quorum group size: kept (the setting applies to new queues; \
+             rabbitmq-queues grow/shrink change members)"
+        );
+        declare_queue(&self.channel, name, own).await
+    }
+}
+
+/// The group size a refusal reports: `Some(None)` for none, `Some(Some(n))`
+/// for a number, `None` when it cannot be read.
+fn group_size(existing: &str) -> Option<Option<i32>> {
+    if existing == "none" { Some(None) } else { existing.parse().ok().map(Some) }
+}
+
+fn dead_letter_args() -> FieldTable {
+    let mut args = quorum();
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DEAD_LETTER_DELIVERY_LIMIT));
+    args
 }
 
 fn long(s: &str) -> AMQPValue {

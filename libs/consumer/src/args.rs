@@ -7,9 +7,15 @@ use crate::ConsumerConfig;
 /// Broker and consumer options shared by every service's command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumerArgs {
-    /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    /// RabbitMQ URL; for a cluster, one URL per node separated by commas
+    /// (a lost or refused connection moves on to the next node).
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_parser = orderflow_broker::AmqpUrlsParser)]
     pub amqp_url: String,
+    /// Replicas of each new quorum queue (x-quorum-initial-group-size);
+    /// unset, the broker's default: every node up to 3. Existing queues
+    /// keep theirs (`rabbitmq-queues grow`/`shrink` change them).
+    #[arg(long, env = "AMQP_QUORUM_REPLICAS", value_parser = clap::value_parser!(u16).range(1..=99))]
+    pub quorum_replicas: Option<u16>,
     /// Prefix of every exchange and queue name (lets tenants or test runs share a broker).
     #[arg(long, env = "ORDERFLOW_PREFIX", default_value = "orderflow", value_parser = parse_prefix)]
     pub topology_prefix: String,
@@ -41,7 +47,7 @@ pub struct ConsumerArgs {
 impl ConsumerArgs {
     /// The topology these options name.
     pub fn topology(&self) -> Topology {
-        Topology::new(self.topology_prefix.clone())
+        Topology::new(self.topology_prefix.clone()).with_quorum_replicas(self.quorum_replicas)
     }
 
     /// A consumer of `bindings` named `consumer` with these options.

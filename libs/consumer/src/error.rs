@@ -63,6 +63,6 @@ impl From<BrokerError> for ConsumerError {
 impl ConsumerError {
     /// True if retrying cannot help: the configuration must change first.
     pub fn is_configuration(&self) -> bool {
-        matches!(self, Self::ChangedQueue { .. })
+        matches!(self, Self::ChangedQueue { .. } | Self::Broker(BrokerError::Address(_)))
     }
 }

@@ -186,3 +186,42 @@ async fn a_dead_letter_queue_from_an_older_version_is_kept() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+/// Issue 14: `AMQP_QUORUM_REPLICAS` sets the group size of new quorum
+/// queues, an argument the broker compares on every declaration although it
+/// only applies at creation. Queues created before it was set (or with
+/// another value) are kept as they are; a strict declaration still sees
+/// the difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_quorum_group_size_keeps_existing_queues() {
+    let broker = TestBroker::new().await;
+    let spec = spec(&[100, 200], 5);
+    broker.track(&spec);
+    let (_conn, channel) = broker.channel().await;
+    // Created by an older version: no group size.
+    broker.topology.declare_consumer(&channel, &spec).await.unwrap();
+
+    let three = broker.topology.clone().with_quorum_replicas(Some(3));
+    let cfg = ConsumerConfig::new(broker.amqp_url.clone(), three.clone(), spec.clone());
+    orderflow_consumer::prepare(&cfg).await.expect("queues without a group size are kept");
+    // Twice: nothing was changed by the first.
+    orderflow_consumer::prepare(&cfg).await.expect("and again");
+
+    let (_c2, strict) = broker.channel().await;
+    let err = three.declare_consumer(&strict, &spec).await.expect_err("a strict declaration sees the difference");
+    assert_eq!(err.argument(), Some(orderflow_broker::QUORUM_GROUP_SIZE), "{err}");
+
+    // New queues get the group size (a single node holds one replica
+    // whatever is asked); an existing one with a group size is kept too.
+    let other = QueueSpec { consumer: "topo2".into(), ..spec.clone() };
+    broker.track(&other);
+    let cfg = ConsumerConfig::new(broker.amqp_url.clone(), three.clone(), other.clone());
+    orderflow_consumer::prepare(&cfg).await.expect("new queues with a group size");
+    let (_c3, strict) = broker.channel().await;
+    three.declare_consumer(&strict, &other).await.expect("declared with group size 3");
+    let two = broker.topology.clone().with_quorum_replicas(Some(2));
+    let cfg = ConsumerConfig::new(broker.amqp_url.clone(), two, other.clone());
+    orderflow_consumer::prepare(&cfg).await.expect("a queue of group size 3 is kept under 2");
+    let cfg = ConsumerConfig::new(broker.amqp_url.clone(), broker.topology.clone(), other);
+    orderflow_consumer::prepare(&cfg).await.expect("and without a group size");
+}

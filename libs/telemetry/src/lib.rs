@@ -193,19 +193,6 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// `url` with its password replaced by `***`, for logs and error messages.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable URL>".to_owned(),
-    }
-}
-
 /// Command-line value parsers shared by every orderflow binary, so a bad
 /// value gets the same one-line explanation everywhere.
 pub mod args {

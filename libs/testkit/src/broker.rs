@@ -34,6 +34,14 @@ impl TestBroker {
         Self { amqp_url: infra.amqp_url.clone(), topology: Topology::new(prefix), tracked: Mutex::new(Vec::new()) }
     }
 
+    /// A fresh prefix on the broker at `amqp_url` (e.g. a test's own
+    /// cluster: several addresses, comma-separated).
+    pub fn on(amqp_url: impl Into<String>) -> Self {
+        crate::init_tracing();
+        let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        Self { amqp_url: amqp_url.into(), topology: Topology::new(prefix), tracked: Mutex::new(Vec::new()) }
+    }
+
     /// Deletes the queues of `spec` when the test ends.
     pub fn track(&self, spec: &QueueSpec) {
         self.track_in(&self.topology, spec);

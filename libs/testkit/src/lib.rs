@@ -11,10 +11,13 @@
 //!   are deleted afterwards.
 //! - [`FaultProxy`]: a TCP proxy that cuts, stalls and restores connections.
 //! - [`events`]: the platform tests' own events (no service's catalog).
+//! - [`Cluster`]: a local 3-node RabbitMQ cluster whose nodes a test may
+//!   stop, kill and start again.
 //! - [`eventually`]: wait for a condition with a deadline, never a fixed sleep.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod broker;
+pub mod cluster;
 mod db;
 mod detect;
 pub mod events;
@@ -22,6 +25,7 @@ mod proxy;
 mod wait;
 
 pub use broker::TestBroker;
+pub use cluster::Cluster;
 pub use db::{TestDb, count};
 pub use detect::{Infra, infra};
 pub use proxy::{FaultProxy, ProxyMode};
