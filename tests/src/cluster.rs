@@ -10,7 +10,7 @@
 //! it again; (c) cuts the node most clients are connected to off through
 //! its proxy (every connection closed, new ones refused), then restores it.
 //! One node is down at a time, so the quorum queues keep a majority. Then
-//! the system settles and the [`invariants`](crate::invariants) are checked.
+//! the system settles and the [`invariants`] are checked.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
