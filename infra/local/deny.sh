@@ -17,7 +17,9 @@ DBS="$HOME/.cache/orderflow/advisory-dbs"
 # cargo-deny's default database lives under this name inside db-path.
 DB="$DBS/advisory-db-3157b0e258782691"
 # RUSTSEC_SNAPSHOT names a snapshot elsewhere (a clone outside the workplace).
-SNAPSHOT=${RUSTSEC_SNAPSHOT:-$(ls ../shared/rustsec/advisory-db-*.tar.gz 2>/dev/null | sort | tail -n1 || true)}
+# Otherwise the workplace's shared/ beside this checkout, or beside /work's
+# checkouts when this clone is elsewhere (CI clones into a temporary dir).
+SNAPSHOT=${RUSTSEC_SNAPSHOT:-$(ls ../shared/rustsec/advisory-db-*.tar.gz /work/shared/rustsec/advisory-db-*.tar.gz 2>/dev/null | sort -t- -k3 | tail -n1 || true)}
 if timeout 10 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
   echo "advisories: live RustSec database"
   rm -rf "$DB"
