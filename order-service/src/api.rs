@@ -27,6 +27,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Maximum request body size, bytes.
     pub max_body_bytes: usize,
+    /// Requests waiting for an order to leave `pending` (`?wait=`).
+    pub waiters: std::sync::Arc<crate::waiters::Waiters>,
 }
 
 /// One line of an order.
@@ -158,23 +160,66 @@ pub async fn create_order(
         .json(OrderView::from(order)))
 }
 
+/// Longest `?wait=` of `GET /orders/{id}`, seconds.
+pub const MAX_WAIT_SECONDS: u64 = 30;
+
+/// Options of `GET /orders/{id}`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GetParams {
+    /// Long poll: if the order is `pending`, answer once it is not (or after
+    /// this many seconds, 0 to 30, with the order as it then is) instead of
+    /// at once. Saves a client that follows an order to its end from
+    /// asking again and again.
+    #[param(minimum = 0, maximum = 30)]
+    pub wait: Option<u64>,
+}
+
 /// Get an order.
 #[utoipa::path(
     tag = "orders",
-    params(("id" = String, Path, description = "Order id: 1 to 64 of `A-Z a-z 0-9 . _ : -`", pattern = r"^[A-Za-z0-9._:-]{1,64}$")),
+    params(("id" = String, Path, description = "Order id: 1 to 64 of `A-Z a-z 0-9 . _ : -`", pattern = r"^[A-Za-z0-9._:-]{1,64}$"), GetParams),
     responses(
-        (status = 200, description = "The order", body = OrderView),
-        (status = 400, description = "Not an order id", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The order (with `wait`: once it is no longer pending, or as it is when the wait is over)", body = OrderView),
+        (status = 400, description = "Not an order id, or `wait` out of range", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[get("/orders/{id}", name = "GET /orders/{id}")]
-pub async fn get_order(id: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn get_order(
+    id: web::Path<String>,
+    params: web::Query<GetParams>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let id = order_id(id)?;
-    let mut conn = state.pool.get().await?;
-    let order = store::get(&mut conn, &id).await?.ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
-    Ok(HttpResponse::Ok().json(OrderView::from(order)))
+    let wait = params.wait.unwrap_or(0);
+    if wait > MAX_WAIT_SECONDS {
+        return Err(Problem::invalid("query.wait", format!("must be between 0 and {MAX_WAIT_SECONDS} seconds")).into());
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    // Watching before the first read: a change committed between the read
+    // and the wait still wakes it.
+    let watch = (wait > 0).then(|| state.waiters.watch(&id));
+    loop {
+        let woken = watch.as_ref().map(|w| w.notify().notified());
+        tokio::pin!(woken);
+        if let Some(w) = woken.as_mut().as_pin_mut() {
+            w.enable();
+        }
+        // No connection is held while waiting.
+        let order = {
+            let mut conn = state.pool.get().await?;
+            store::get(&mut conn, &id).await?.ok_or_else(|| Problem::not_found(format!("no order {id}")))?
+        };
+        let now = tokio::time::Instant::now();
+        if order.row.status != OrderStatus::Pending || now >= deadline {
+            return Ok(HttpResponse::Ok().json(OrderView::from(order)));
+        }
+        if let Some(w) = woken.as_pin_mut() {
+            let _ = tokio::time::timeout_at(deadline.min(now + crate::waiters::RECHECK), w).await;
+        }
+    }
 }
 
 /// Filters of `GET /orders`.
@@ -396,6 +441,7 @@ pub async fn cancel_order(
             Cancelled::Raced => continue,
             Cancelled::Now(o) => {
                 state.waker.wake();
+                state.waiters.wake([id.as_str()]);
                 tracing::info!(order_id = %id, "order cancelled");
                 o
             }

@@ -37,7 +37,9 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
         .await
         .map_err(|e| StartupError::step("declaring the consumer's queues")(e.into()))?;
     let readiness = Readiness::new(pool.clone(), vec![(outcomes::CONSUMER.to_owned(), consumer_cfg.connected.clone())]);
-    let consumer = tokio::spawn(orderflow_consumer::run(consumer_cfg, pool.clone(), Outcomes, shutdown.child_token()));
+    let waiters = std::sync::Arc::new(crate::waiters::Waiters::default());
+    let outcomes = Outcomes::new(waiters.clone());
+    let consumer = tokio::spawn(orderflow_consumer::run(consumer_cfg, pool.clone(), outcomes, shutdown.child_token()));
 
     let intake = crate::intake::Intake::start(
         pool.clone(),
@@ -51,6 +53,7 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
         intake,
         limits: Limits { max_items: usize::from(cfg.max_items), ..Limits::default() },
         max_body_bytes: cfg.max_body_bytes as usize,
+        waiters,
     };
     let (server, port) = orderflow_web::http_server(cfg.http_addr, ApiDoc::openapi(), readiness, move |routes| {
         routes

@@ -14,6 +14,7 @@ pub mod outcomes;
 mod registration;
 pub mod schema;
 pub mod store;
+pub mod waiters;
 
 pub use app::{MIGRATIONS, build};
 pub use config::Config;

@@ -1,6 +1,8 @@
 //! The order-service consumer: moves orders to their final state as the
 //! pipeline's outcomes arrive, and records every step in the timeline.
 
+use std::sync::Arc;
+
 use diesel::result::DatabaseErrorKind;
 use diesel::result::Error::DatabaseError;
 use orderflow_consumer::{Handler, HandlerError, Incoming};
@@ -10,6 +12,7 @@ use orderflow_db::Conn;
 
 use crate::domain::OrderStatus;
 use crate::store::{self, Change};
+use crate::waiters::Waiters;
 
 /// Consumer (and inbox) name of order-service.
 pub const CONSUMER: &str = "orders";
@@ -27,10 +30,28 @@ pub const BINDINGS: &[&str] = &[
 
 /// Applies pipeline outcomes to orders.
 #[derive(Debug, Clone, Default)]
-pub struct Outcomes;
+pub struct Outcomes {
+    waiters: Arc<Waiters>,
+}
+
+impl Outcomes {
+    /// Outcomes that wake the requests in `waiters` when an order they wait
+    /// on may have become final.
+    pub fn new(waiters: Arc<Waiters>) -> Self {
+        Self { waiters }
+    }
+}
 
 impl Handler for Outcomes {
     type Event = Event;
+
+    fn committed(&self, events: &[&Event]) {
+        // Only these can end an order; the waiters read it again.
+        let finals = events.iter().filter(|e| {
+            matches!(e, Event::InventoryRejected(_) | Event::PaymentDeclined(_) | Event::ShipmentCreated(_))
+        });
+        self.waiters.wake(finals.map(|e| e.order_id()));
+    }
 
     async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, Event>) -> Result<(), HandlerError> {
         let order_id = msg.event.order_id();

@@ -34,9 +34,14 @@ struct Args {
     /// Most POSTs in flight (keep-alive connections for POSTs).
     #[arg(long, default_value_t = 16)]
     connections: usize,
-    /// Most polls in flight (connections of their own).
-    #[arg(long, default_value_t = 8)]
-    poll_connections: usize,
+    /// Most polls in flight (connections of their own); default 8, or 1024
+    /// with --wait (each pending order holds one).
+    #[arg(long)]
+    poll_connections: Option<usize>,
+    /// Long polls: each `GET /orders/{id}?wait=N` waits on the server up to
+    /// N seconds for the order to be final (0: polls at --poll-min..--poll-max).
+    #[arg(long, default_value_t = 10)]
+    wait: u64,
     /// Only POST (intake); do not poll the orders.
     #[arg(long)]
     no_poll: bool,
@@ -110,9 +115,14 @@ async fn run(args: Args) -> anyhow::Result<String> {
         duration: args.duration,
         warmup: args.warmup,
         connections: args.connections.max(1),
-        poll_connections: args.poll_connections.max(1),
+        poll_connections: args.poll_connections.unwrap_or(if args.wait > 0 { 1024 } else { 8 }).max(1),
         poll: !args.no_poll,
-        poll_policy: PollPolicy { min: args.poll_min, factor: args.poll_factor, max: args.poll_max },
+        poll_policy: PollPolicy {
+            min: args.poll_min,
+            factor: args.poll_factor,
+            max: args.poll_max,
+            long_poll: (args.wait > 0).then(|| Duration::from_secs(args.wait)),
+        },
         drain: args.drain,
         catalog,
         mix: Mix { products, lines: args.lines },

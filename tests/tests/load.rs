@@ -18,9 +18,10 @@ async fn loadgen_orders_are_accepted_priced_right_and_seen_final() {
         duration: Duration::from_secs(2),
         warmup: Duration::ZERO,
         connections: 4,
-        poll_connections: 2,
+        poll_connections: 32,
         poll: true,
-        poll_policy: PollPolicy::default(),
+        // Long polls, as loadgen makes by default.
+        poll_policy: PollPolicy { long_poll: Some(Duration::from_secs(5)), ..PollPolicy::default() },
         drain: DEADLINE,
         catalog,
         mix: Mix { products: 2, lines: 2 },
@@ -42,6 +43,9 @@ async fn loadgen_orders_are_accepted_priced_right_and_seen_final() {
     // Every order ends confirmed: the driver's lines carry the catalog's prices.
     assert_eq!((report.confirmed, report.failed, report.not_final), (20, 0, 0), "{}", report.render());
     assert_eq!(report.e2e.count, 20);
+    // The server answered each long poll when its order was final (or after
+    // 5 s): a few polls per order, not one every 10 ms.
+    assert!(report.polls <= 60, "{} polls for 20 orders", report.polls);
     let confirmed = orderflow_e2e::count(
         sys.pool(orderflow_e2e::Db::Orders),
         "SELECT count(*) AS n FROM orders WHERE id LIKE 'smoke-%' AND status = 'confirmed'",

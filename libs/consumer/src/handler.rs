@@ -144,4 +144,18 @@ pub trait Handler: Send + Sync + 'static {
         let all = vec![true; batch.len()];
         async move { Ok(all) }
     }
+
+    /// Runs after a batch transaction has committed, with the events it
+    /// handled for the first time (not duplicates, not the ones that failed
+    /// or were left for later), before their deliveries are acked.
+    ///
+    /// Their effects are durable and visible to other sessions by then, so
+    /// this is where a process tells its own waiters (a long poll, a cache)
+    /// that something changed. It must not block or fail: a crash between
+    /// the commit and this call skips it, so whatever it wakes must also
+    /// find the change on its own (e.g. by reading again after a while).
+    /// The default does nothing.
+    fn committed(&self, events: &[&Self::Event]) {
+        let _ = events;
+    }
 }

@@ -463,9 +463,17 @@ async fn process_batch<H: Handler>(
         };
         let pause = match transact(ctx, &items, &chunk, starved.is_none()).await {
             Ok(results) => {
-                if results.iter().any(|(_, r)| matches!(r, Ok(Applied::New))) {
-                    // One wake-up per committed batch.
-                    ctx.cfg.waker.wake();
+                {
+                    let applied: Vec<&H::Event> = results
+                        .iter()
+                        .filter(|(_, r)| matches!(r, Ok(Applied::New)))
+                        .filter_map(|(i, _)| items[*i].message.as_ref().map(|(_, e)| e))
+                        .collect();
+                    if !applied.is_empty() {
+                        // One wake-up per committed batch.
+                        ctx.cfg.waker.wake();
+                        ctx.handler.committed(&applied);
+                    }
                 }
                 let mut verdicts = Vec::new();
                 let mut again = Vec::new();

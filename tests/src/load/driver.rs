@@ -16,23 +16,32 @@ use super::catalog::CatalogItem;
 use super::record::{FinalStatus, Recorder, scheduled_offset};
 use super::report::{Report, cpu_seconds_self, peak_rss_kib};
 
-/// How often an order is polled: every `clamp(age * factor, min, max)`.
+/// How often an order is polled: every `clamp(age * factor, min, max)`;
+/// or, with `long_poll`, as long polls (`GET /orders/{id}?wait=`) that the
+/// server answers once the order is final (or after the wait), one after
+/// the other.
 #[derive(Debug, Clone, Copy)]
 pub struct PollPolicy {
     pub min: Duration,
     pub factor: f64,
     pub max: Duration,
+    /// Each poll waits on the server up to this long (whole seconds).
+    pub long_poll: Option<Duration>,
 }
 
 impl Default for PollPolicy {
     fn default() -> Self {
-        Self { min: Duration::from_millis(10), factor: 0.1, max: Duration::from_secs(1) }
+        Self { min: Duration::from_millis(10), factor: 0.1, max: Duration::from_secs(1), long_poll: None }
     }
 }
 
 impl PollPolicy {
     /// The wait before the next poll of an order of this age.
     pub fn interval(&self, age: Duration) -> Duration {
+        if self.long_poll.is_some() {
+            // The server did the waiting.
+            return Duration::ZERO;
+        }
         age.mul_f64(self.factor.max(0.0)).clamp(self.min, self.max.max(self.min))
     }
 }
@@ -120,8 +129,9 @@ pub enum Seen {
 pub trait Api {
     /// POSTs an order body; the HTTP status.
     async fn post(&self, body: Vec<u8>) -> Result<u16, RequestError>;
-    /// The status of order `id`.
-    async fn status(&self, id: &str) -> Result<Seen, RequestError>;
+    /// The status of order `id`; with `wait`, once it is final or the wait
+    /// is over (a long poll).
+    async fn status(&self, id: &str, wait: Option<Duration>) -> Result<Seen, RequestError>;
 }
 
 /// order-service over HTTP/1.1 keep-alive connections.
@@ -160,9 +170,12 @@ impl Api for HttpApi {
         Ok(status)
     }
 
-    async fn status(&self, id: &str) -> Result<Seen, RequestError> {
-        let mut url = String::with_capacity(self.orders_url.len() + 1 + id.len());
+    async fn status(&self, id: &str, wait: Option<Duration>) -> Result<Seen, RequestError> {
+        let mut url = String::with_capacity(self.orders_url.len() + 12 + id.len());
         let _ = write!(url, "{}/{id}", self.orders_url);
+        if let Some(wait) = wait {
+            let _ = write!(url, "?wait={}", wait.as_secs().max(1));
+        }
         let r = self.client.get(url).send().await?;
         let code = r.status().as_u16();
         let body = r.bytes().await?;
@@ -427,7 +440,7 @@ async fn poll_loop<A: Api + 'static>(shared: &Rc<Shared<A>>) {
 }
 
 async fn poll_once<A: Api + 'static>(s: &Rc<Shared<A>>, slot: usize, id: &str) {
-    let seen = s.api.status(id).await;
+    let seen = s.api.status(id, s.cfg.poll_policy.long_poll).await;
     let now = Instant::now();
     let mut rec = s.rec.borrow_mut();
     rec.polls += 1;
@@ -480,8 +493,12 @@ mod tests {
             Ok(201)
         }
 
-        async fn status(&self, id: &str) -> Result<Seen, RequestError> {
+        async fn status(&self, id: &str, wait: Option<Duration>) -> Result<Seen, RequestError> {
             let accepted = self.accepted.borrow().get(id).copied().ok_or(RequestError::Status(404))?;
+            if let Some(wait) = wait {
+                // A long poll: answered when final, or when the wait is over.
+                tokio::time::sleep_until((accepted + self.final_after).min(Instant::now() + wait)).await;
+            }
             Ok(if Instant::now() >= accepted + self.final_after {
                 Seen::Final(FinalStatus::Confirmed)
             } else {
@@ -539,6 +556,22 @@ mod tests {
         assert!(report.post_service.max_ms <= 50.5, "{:?}", report.post_service);
         assert!(report.send_lag.max_ms > 1400.0, "{:?}", report.send_lag);
         assert!(report.e2e.p99_ms >= report.post.p99_ms, "end to end includes the POST wait");
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn long_polls_see_the_final_status_when_it_happens_with_one_or_two_polls() {
+        let mut cfg = config(50.0, 2, 8);
+        cfg.poll_connections = 64;
+        // Final 100 ms after the POST; each long poll waits up to 1 s.
+        cfg.poll_policy.long_poll = Some(Duration::from_secs(1));
+        let report = run_with(fake(5, 100), cfg.clone()).await.unwrap();
+        assert_eq!((report.accepted, report.confirmed, report.not_final), (100, 100, 0));
+        assert!(report.e2e.p50_ms >= 105.0 && report.e2e.max_ms <= 106.0, "{:?}", report.e2e);
+        assert_eq!(report.polls, 100, "one long poll per order");
+        // Final after 2.5 s: each order takes three polls.
+        let report = run_with(fake(5, 2500), cfg).await.unwrap();
+        assert_eq!((report.confirmed, report.polls), (100, 300), "{report:?}");
+        assert!(report.e2e.max_ms <= 2506.0, "{:?}", report.e2e);
     }
 
     #[test]
