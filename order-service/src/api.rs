@@ -201,6 +201,7 @@ pub async fn get_order(
     // Watching before the first read: a change committed between the read
     // and the wait still wakes it.
     let watch = (wait > 0).then(|| state.waiters.watch(&id));
+    let mut recheck = crate::waiters::RECHECK;
     loop {
         let woken = watch.as_ref().map(|w| w.notify().notified());
         tokio::pin!(woken);
@@ -217,7 +218,9 @@ pub async fn get_order(
             return Ok(HttpResponse::Ok().json(OrderView::from(order)));
         }
         if let Some(w) = woken.as_pin_mut() {
-            let _ = tokio::time::timeout_at(deadline.min(now + crate::waiters::RECHECK), w).await;
+            if tokio::time::timeout_at(deadline.min(now + recheck), w).await.is_err() {
+                recheck = (recheck * 2).min(crate::waiters::RECHECK_MAX);
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 // Row structs mirror the columns documented in `migrations/`.
 #![allow(missing_docs)]
 
+use orderflow_db::CachedDsl;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -115,6 +116,7 @@ pub async fn create_many(conn: &mut Conn, new: &[(&NewOrder, &Metadata)]) -> Que
         .on_conflict(orders::id)
         .do_nothing()
         .returning(OrderRow::as_returning())
+        .cached()
         .get_results(conn)
         .await?;
     let mut stored: HashMap<String, OrderRow> = inserted.into_iter().map(|r| (r.id.clone(), r)).collect();
@@ -138,7 +140,7 @@ pub async fn create_many(conn: &mut Conn, new: &[(&NewOrder, &Metadata)]) -> Que
         })
         .collect();
     if !lines.is_empty() {
-        diesel::insert_into(order_items::table).values(&lines).execute(conn).await?;
+        diesel::insert_into(order_items::table).values(&lines).cached().execute(conn).await?;
     }
     let mut events = Vec::with_capacity(fresh.len());
     for i in &fresh {
@@ -237,6 +239,7 @@ pub async fn record_all(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()>
         .values(&rows)
         .on_conflict(order_timeline::message_id)
         .do_nothing()
+        .cached()
         .execute(conn)
         .await?;
     Ok(())
@@ -285,6 +288,7 @@ pub async fn update(conn: &mut Conn, id: &str, expected: i64, change: Change) ->
             orders::version.eq(expected + 1),
             orders::updated_at.eq(diesel::dsl::now),
         ))
+        .cached()
         .execute(conn)
         .await?;
     Ok(n == 1)

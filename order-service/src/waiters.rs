@@ -6,8 +6,10 @@
 //! and it reads the order again.
 //!
 //! A change committed by another instance of order-service wakes nobody
-//! here: a waiting request also reads again every [`RECHECK`], so it sees
-//! such a change within that bound (and one made by this process at once).
+//! here: a waiting request also reads again after [`RECHECK`], then after
+//! twice as long each time up to [`RECHECK_MAX`], so it sees such a change
+//! within that bound (and one made by this process at once). The backoff
+//! keeps a backlog of waiting requests from turning into a flood of reads.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,10 +17,13 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-/// How often a waiting request reads the order again even if nobody woke
+/// When a waiting request first reads the order again even if nobody woke
 /// it (a change made by another instance, or lost in a crash between commit
 /// and wake-up).
 pub const RECHECK: Duration = Duration::from_millis(500);
+
+/// The longest wait between two such reads.
+pub const RECHECK_MAX: Duration = Duration::from_secs(4);
 
 /// The orders that requests are waiting on, each with its [`Notify`].
 #[derive(Debug, Default)]

@@ -51,6 +51,8 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
         decline_seed: cfg.payment_decline_seed,
     };
     let breaker = Arc::new(CircuitBreaker::new(cfg.notify_breaker_threshold, cfg.notify_breaker_cooldown));
+    // The notification stage wakes the dispatcher of this process.
+    let recorded = Arc::new(tokio::sync::Notify::new());
     let waker = orderflow_outbox::Waker::start(&cfg.database_url, shutdown.child_token());
     let mut tasks = Vec::new();
     let mut connected = Vec::new();
@@ -79,7 +81,10 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
                 tokio::spawn(orderflow_consumer::run(consumer_cfg, pool, Payments { rules: rules.clone() }, token))
             }
             Stage::Shipping => tokio::spawn(orderflow_consumer::run(consumer_cfg, pool, Shipping, token)),
-            Stage::Notification => tokio::spawn(orderflow_consumer::run(consumer_cfg, pool, Notifications, token)),
+            Stage::Notification => {
+                let handler = Notifications::new(recorded.clone());
+                tokio::spawn(orderflow_consumer::run(consumer_cfg, pool, handler, token))
+            }
         });
     }
     if cfg.stages.contains(&Stage::Notification) {
@@ -96,7 +101,7 @@ pub async fn build(cfg: Config, shutdown: CancellationToken) -> Result<Service, 
                     breaker_cooldown: cfg.notify_breaker_cooldown,
                     poll_interval: cfg.notify_poll_interval,
                 };
-                let dispatcher = Dispatcher::new(pool.clone(), cfg.database_url.clone(), webhook, breaker.clone())
+                let dispatcher = Dispatcher::new(pool.clone(), recorded.clone(), webhook, breaker.clone())
                     .map_err(|e| StartupError::step("building the webhook client")(e.into()))?;
                 tasks.push(tokio::spawn(dispatcher.run(shutdown.child_token())));
             }

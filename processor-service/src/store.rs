@@ -2,6 +2,7 @@
 // Row structs mirror the columns documented in `migrations/`.
 #![allow(missing_docs)]
 
+use orderflow_db::CachedDsl;
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
@@ -62,6 +63,7 @@ pub async fn lock_products(conn: &mut Conn, skus: &[&str]) -> QueryResult<HashMa
         .order(products::sku)
         .for_update()
         .select(Product::as_select())
+        .cached()
         .load(conn)
         .await?;
     Ok(rows.into_iter().map(|p| (p.sku.clone(), p)).collect())
@@ -121,6 +123,7 @@ pub async fn try_lock_products(conn: &mut Conn, skus: &[&str], orders: &[&str]) 
              WHERE order_id = ANY($1)",
         )
         .bind::<Array<Text>, _>(orders)
+        .cached()
         .load(conn)
         .await?;
         for line in lines {
@@ -137,6 +140,7 @@ pub async fn try_lock_products(conn: &mut Conn, skus: &[&str], orders: &[&str]) 
          WHERE p.sku = ANY($1)",
     )
     .bind::<Array<Text>, _>(&wanted)
+    .cached()
     .load(conn)
     .await?;
     taken.busy = rows.into_iter().filter(|r| !r.got).map(|r| r.sku).collect();
@@ -160,6 +164,7 @@ pub async fn move_stock(conn: &mut Conn, items: &[LineItem], mv: Move) -> QueryR
                         products::reserved.eq(products::reserved + q),
                         products::updated_at.eq(diesel::dsl::now),
                     ))
+                    .cached()
                     .execute(conn)
                     .await?
             }
@@ -170,6 +175,7 @@ pub async fn move_stock(conn: &mut Conn, items: &[LineItem], mv: Move) -> QueryR
                         products::on_hand.eq(products::on_hand + q),
                         products::updated_at.eq(diesel::dsl::now),
                     ))
+                    .cached()
                     .execute(conn)
                     .await?
             }
@@ -180,6 +186,7 @@ pub async fn move_stock(conn: &mut Conn, items: &[LineItem], mv: Move) -> QueryR
                         products::shipped.eq(products::shipped + q),
                         products::updated_at.eq(diesel::dsl::now),
                     ))
+                    .cached()
                     .execute(conn)
                     .await?
             }
@@ -190,6 +197,7 @@ pub async fn move_stock(conn: &mut Conn, items: &[LineItem], mv: Move) -> QueryR
                         products::on_hand.eq(products::on_hand + q),
                         products::updated_at.eq(diesel::dsl::now),
                     ))
+                    .cached()
                     .execute(conn)
                     .await?
             }
@@ -328,6 +336,7 @@ pub async fn claim_reservation(
     let created = diesel::insert_into(reservations::table)
         .values((reservations::order_id.eq(order_id), reservations::status.eq(status.as_str())))
         .on_conflict_do_nothing()
+        .cached()
         .execute(conn)
         .await?
         == 1;
@@ -356,6 +365,7 @@ pub async fn set_reservation(
             reason.map(|r| reservations::reason.eq(r.to_owned())),
             reservations::updated_at.eq(diesel::dsl::now),
         ))
+        .cached()
         .execute(conn)
         .await?;
     Ok(())
@@ -390,6 +400,7 @@ pub async fn claim_payment(
             payments::status.eq(status.as_str()),
         ))
         .on_conflict_do_nothing()
+        .cached()
         .execute(conn)
         .await?
         == 1;
@@ -415,6 +426,7 @@ pub async fn set_payment(
             reason.map(|r| payments::reason.eq(r.to_owned())),
             payments::updated_at.eq(diesel::dsl::now),
         ))
+        .cached()
         .execute(conn)
         .await?;
     Ok(())
@@ -446,6 +458,7 @@ pub async fn create_shipment(conn: &mut Conn, order_id: &str) -> QueryResult<Opt
         ))
         .on_conflict_do_nothing()
         .returning(Shipment::as_returning())
+        .cached()
         .get_result(conn)
         .await
         .optional()
@@ -456,6 +469,7 @@ pub async fn void_shipment(conn: &mut Conn, order_id: &str) -> QueryResult<bool>
     let n =
         diesel::update(shipments::table.find(order_id).filter(shipments::status.eq(ShipmentStatus::Created.as_str())))
             .set((shipments::status.eq(ShipmentStatus::Voided.as_str()), shipments::updated_at.eq(diesel::dsl::now)))
+            .cached()
             .execute(conn)
             .await?;
     Ok(n == 1)

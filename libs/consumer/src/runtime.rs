@@ -1,3 +1,4 @@
+use orderflow_db::CachedDsl;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -423,6 +424,10 @@ enum Failure {
     Stuck { index: usize, after: Duration },
     /// The commit itself failed (no single message to blame).
     Commit(diesel::result::Error),
+    /// A message failed in a batch run without savepoints: the transaction
+    /// was rolled back, and the batch goes again with one savepoint per
+    /// message.
+    Fallback,
 }
 
 /// Handles a batch of deliveries: one transaction, one savepoint per
@@ -453,6 +458,9 @@ async fn process_batch<H: Handler>(
     let mut db_waits = backoff::reconnect(DB_WAIT_MAX);
     let mut commit_conflicts = 0;
     let mut one_at_a_time = false;
+    // First without savepoints (see `run_chunk`); after a failure there,
+    // with one per message, so that a failing message is rolled back alone.
+    let mut careful = false;
     while !pending.is_empty() {
         // A message passed over too often goes alone, waiting for its rows.
         let starved = pending.iter().copied().find(|&i| items[i].deferrals >= DEFER_LIMIT);
@@ -461,7 +469,7 @@ async fn process_batch<H: Handler>(
             None if one_at_a_time => vec![pending[0]],
             None => pending.clone(),
         };
-        let pause = match transact(ctx, &items, &chunk, starved.is_none()).await {
+        let pause = match transact(ctx, &items, &chunk, starved.is_none(), careful).await {
             Ok(results) => {
                 {
                     let applied: Vec<&H::Event> = results
@@ -520,6 +528,10 @@ async fn process_batch<H: Handler>(
                 settle(ctx, out, &items, verdicts, started).await;
                 pending.retain(|i| !chunk.contains(i) || again.contains(i));
                 pause
+            }
+            Err(Failure::Fallback) => {
+                careful = true;
+                None
             }
             Err(Failure::Database(e)) => {
                 let wait = db_waits.next_wait();
@@ -638,12 +650,14 @@ async fn transact<H: Handler>(
     items: &[Item<H::Event>],
     chunk: &[usize],
     prepare: bool,
+    careful: bool,
 ) -> Result<Vec<(usize, Result<Applied, HandlerError>)>, Failure> {
     let mut pooled = ctx.pool.get().await.map_err(|e| Failure::Database(e.to_string()))?;
     let guard = ctx.cfg.handler_guard();
     let watch = Watch::default();
     let outcome = {
-        let work = run_chunk(ctx, &mut pooled, items, chunk, prepare, &watch, guard);
+        let mode = Mode { prepare, careful };
+        let work = run_chunk(ctx, &mut pooled, items, chunk, mode, &watch, guard);
         tokio::select! {
             outcome = work => outcome,
             index = watch.overrun(Duration::from_millis(100)) => Err(Failure::Stuck { index, after: guard }),
@@ -658,13 +672,41 @@ async fn transact<H: Handler>(
     outcome
 }
 
-/// The transaction's error: the database failed beneath the batch.
-struct Abort(diesel::result::Error);
+/// Why the batch's transaction was rolled back.
+enum Abort {
+    /// The database failed beneath the batch.
+    Db(diesel::result::Error),
+    /// A message failed in a run without savepoints (see [`Failure::Fallback`]).
+    Fallback,
+}
 
 impl From<diesel::result::Error> for Abort {
     fn from(e: diesel::result::Error) -> Self {
-        Self(e)
+        Self::Db(e)
     }
+}
+
+/// In a run without savepoints, any failure but a lost connection rolls the
+/// batch back to go again with savepoints.
+fn fallback(e: diesel::result::Error) -> Abort {
+    match classify(&e) {
+        ErrorClass::Connection => Abort::Db(e),
+        _ => Abort::Fallback,
+    }
+}
+
+/// How a chunk of a batch is run.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    /// Call [`Handler::prepare`] first.
+    prepare: bool,
+    /// One savepoint per message (and one for `prepare`), so a failing
+    /// message is rolled back alone. Without (the first run of a batch),
+    /// every message's inbox row goes in with one statement, and a failing
+    /// message rolls the whole batch back: it goes again with savepoints.
+    /// Failures are rare, and the two round trips of a savepoint per message
+    /// are a good part of the database's work per message.
+    careful: bool,
 }
 
 async fn run_chunk<H: Handler>(
@@ -672,7 +714,7 @@ async fn run_chunk<H: Handler>(
     conn: &mut Conn,
     items: &[Item<H::Event>],
     chunk: &[usize],
-    prepare: bool,
+    mode: Mode,
     watch: &Watch,
     guard: Duration,
 ) -> Result<Vec<(usize, Result<Applied, HandlerError>)>, Failure> {
@@ -698,15 +740,22 @@ async fn run_chunk<H: Handler>(
             // Even for one message: the shared rows are then always taken
             // first and without waiting, batch or not.
             let mut ready: HashSet<usize> = handled.iter().copied().collect();
-            if prepare {
-                let prepared = tx
-                    .transaction::<Vec<bool>, diesel::result::Error, _>(async |sp| {
+            if mode.prepare {
+                let prepared = if mode.careful {
+                    tx.transaction::<Vec<bool>, diesel::result::Error, _>(async |sp| {
                         ctx.handler.prepare(sp, &events).await
                     })
-                    .await;
+                    .await
+                    .map_err(Abort::Db)
+                } else {
+                    // Without a savepoint a failure leaves the transaction
+                    // aborted: the batch goes again, with one.
+                    ctx.handler.prepare(tx, &events).await.map_err(fallback)
+                };
                 match prepared {
-                    Err(e) if classify(&e) == ErrorClass::Connection => return Err(Abort(e)),
-                    Err(e) => debug!(consumer, error = %e, "batch preparation failed; handling without it"),
+                    Err(Abort::Db(e)) if classify(&e) == ErrorClass::Connection => return Err(Abort::Db(e)),
+                    Err(Abort::Fallback) => return Err(Abort::Fallback),
+                    Err(Abort::Db(e)) => debug!(consumer, error = %e, "batch preparation failed; handling without it"),
                     Ok(flags) => {
                         for (&i, go) in handled.iter().zip(flags.into_iter().chain(std::iter::repeat(true))) {
                             if !go {
@@ -716,35 +765,126 @@ async fn run_chunk<H: Handler>(
                     }
                 }
             }
-            let mut results = Vec::with_capacity(chunk.len());
-            for &i in chunk {
-                let item = &items[i];
-                let Some((env, event)) = &item.message else { continue };
-                if !ready.contains(&i) {
-                    results.push((i, Ok(Applied::Deferred)));
-                    continue;
-                }
-                watch.start(i, guard);
-                let result = tx
-                    .transaction::<Applied, HandlerError, _>(async |sp| apply(ctx, consumer, sp, env, event).await)
-                    .instrument(item.span.clone())
-                    .await;
-                watch.stop();
-                match result {
-                    // The connection is gone: the whole batch waits for it.
-                    Err(HandlerError::Db(e)) if classify(&e) == ErrorClass::Connection => return Err(Abort(e)),
-                    other => results.push((i, other)),
-                }
-            }
+            let results = if mode.careful {
+                handle_careful(ctx, consumer, tx, items, chunk, &ready, watch, guard).await?
+            } else {
+                handle_at_once(ctx, consumer, tx, items, chunk, &ready, watch, guard).await?
+            };
             finished.store(true, Ordering::Relaxed);
             Ok(results)
         })
         .await;
     match committed {
         Ok(results) => Ok(results),
-        Err(Abort(e)) if AtomicBool::load(&finished, Ordering::Relaxed) => Err(Failure::Commit(e)),
-        Err(Abort(e)) => Err(Failure::Database(e.to_string())),
+        Err(Abort::Fallback) => Err(Failure::Fallback),
+        Err(Abort::Db(e)) if AtomicBool::load(&finished, Ordering::Relaxed) => Err(Failure::Commit(e)),
+        Err(Abort::Db(e)) => Err(Failure::Database(e.to_string())),
     }
+}
+
+/// The results of a chunk's messages, by index in the batch.
+type Results = Vec<(usize, Result<Applied, HandlerError>)>;
+
+/// Each message in a savepoint of its own: a failing one is rolled back
+/// alone and reported, the others go on.
+#[allow(clippy::too_many_arguments)]
+async fn handle_careful<H: Handler>(
+    ctx: &Ctx<H>,
+    consumer: &str,
+    tx: &mut Conn,
+    items: &[Item<H::Event>],
+    chunk: &[usize],
+    ready: &HashSet<usize>,
+    watch: &Watch,
+    guard: Duration,
+) -> Result<Results, Abort> {
+    let mut results = Vec::with_capacity(chunk.len());
+    for &i in chunk {
+        let item = &items[i];
+        let Some((env, event)) = &item.message else { continue };
+        if !ready.contains(&i) {
+            results.push((i, Ok(Applied::Deferred)));
+            continue;
+        }
+        watch.start(i, guard);
+        let result = tx
+            .transaction::<Applied, HandlerError, _>(async |sp| apply(ctx, consumer, sp, env, event).await)
+            .instrument(item.span.clone())
+            .await;
+        watch.stop();
+        match result {
+            // The connection is gone: the whole batch waits for it.
+            Err(HandlerError::Db(e)) if classify(&e) == ErrorClass::Connection => return Err(Abort::Db(e)),
+            other => results.push((i, other)),
+        }
+    }
+    Ok(results)
+}
+
+/// Every message's inbox row in one statement, then each new message's
+/// handler, without savepoints: any failure rolls the batch back
+/// ([`Abort::Fallback`]).
+#[allow(clippy::too_many_arguments)]
+async fn handle_at_once<H: Handler>(
+    ctx: &Ctx<H>,
+    consumer: &str,
+    tx: &mut Conn,
+    items: &[Item<H::Event>],
+    chunk: &[usize],
+    ready: &HashSet<usize>,
+    watch: &Watch,
+    guard: Duration,
+) -> Result<Results, Abort> {
+    let rows: Vec<_> = chunk
+        .iter()
+        .filter(|i| ready.contains(i))
+        .filter_map(|&i| items[i].message.as_ref())
+        .map(|(env, _)| {
+            (inbox::consumer.eq(consumer), inbox::message_id.eq(env.message_id), inbox::event_type.eq(&env.event_type))
+        })
+        .collect();
+    // What comes back was not recorded before: new. (Two copies of one
+    // message in the batch come back once; the first is handled.)
+    let mut fresh: HashSet<Uuid> = if rows.is_empty() {
+        HashSet::new()
+    } else {
+        diesel::insert_into(inbox::table)
+            .values(&rows)
+            .on_conflict_do_nothing()
+            .returning(inbox::message_id)
+            .cached()
+            .get_results::<Uuid>(tx)
+            .await
+            .map_err(fallback)?
+            .into_iter()
+            .collect()
+    };
+    let mut results = Vec::with_capacity(chunk.len());
+    for &i in chunk {
+        let item = &items[i];
+        let Some((envelope, event)) = &item.message else { continue };
+        if !ready.contains(&i) {
+            results.push((i, Ok(Applied::Deferred)));
+            continue;
+        }
+        if !fresh.remove(&envelope.message_id) {
+            results.push((i, Ok(Applied::Duplicate)));
+            continue;
+        }
+        watch.start(i, guard);
+        let result = ctx.handler.handle(tx, Incoming { envelope, event }).instrument(item.span.clone()).await;
+        watch.stop();
+        match result {
+            Ok(()) => results.push((i, Ok(Applied::New))),
+            Err(HandlerError::Db(e)) if classify(&e) == ErrorClass::Connection => return Err(Abort::Db(e)),
+            Err(e) => {
+                item.span
+                    .in_scope(|| debug!(error = %e, "failed in a batch without savepoints; going again with them"));
+                return Err(Abort::Fallback);
+            }
+        }
+    }
+    Ok(results)
 }
 
 /// Records the message in the inbox and runs the handler, inside the
@@ -763,6 +903,7 @@ async fn apply<H: Handler>(
             inbox::event_type.eq(&env.event_type),
         ))
         .on_conflict_do_nothing()
+        .cached()
         .execute(sp)
         .await?;
     if inserted == 0 {

@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cached;
 pub mod error;
 mod migrate;
 pub mod schema;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use diesel_async::AsyncPgConnection;
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
 
+pub use cached::{Cached, CachedDsl};
 pub use error::{DbError, ErrorClass, classify};
 pub use migrate::{PLATFORM_MIGRATIONS, ensure_database, migrate};
 

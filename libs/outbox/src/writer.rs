@@ -1,6 +1,7 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
+use orderflow_db::CachedDsl;
 use orderflow_db::Conn;
 use orderflow_db::schema::outbox;
 use orderflow_envelope::{DomainEvent, Envelope, Metadata};
@@ -69,7 +70,7 @@ pub async fn append_with(conn: &mut Conn, events: &[Envelope], limits: &Limits) 
             occurred_at: e.occurred_at,
         })
         .collect::<Vec<_>>();
-    diesel::insert_into(outbox::table).values(&rows).execute(conn).await?;
+    diesel::insert_into(outbox::table).values(&rows).cached().execute(conn).await?;
     for e in events {
         metrics::counter!("outbox_appended_total", "event_type" => e.event_type.clone()).increment(1);
     }

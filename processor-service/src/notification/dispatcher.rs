@@ -25,10 +25,11 @@ use diesel::sql_types::{BigInt, Double};
 use diesel_async::RunQueryDsl;
 use futures::StreamExt;
 use orderflow_db::Pool;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{CircuitBreaker, NOTIFY_CHANNEL, Notification};
+use super::{CircuitBreaker, Notification};
 use crate::schema::notifications;
 
 /// How notifications are delivered.
@@ -50,14 +51,16 @@ pub struct WebhookConfig {
     pub breaker_threshold: u32,
     /// How long the breaker stays open before a probe.
     pub breaker_cooldown: Duration,
-    /// Look for due notifications this often even without a NOTIFY.
+    /// Look for due notifications this often even without a wake-up (those
+    /// another process recorded, retries that came due).
     pub poll_interval: Duration,
 }
 
 /// The delivery loop; see the module docs.
 pub struct Dispatcher {
     pool: Pool,
-    database_url: String,
+    /// Woken when this process records a notification.
+    recorded: Arc<Notify>,
     client: reqwest::Client,
     cfg: WebhookConfig,
     breaker: Arc<CircuitBreaker>,
@@ -95,21 +98,21 @@ const IN_FLIGHT: usize = 4;
 const QUICK_RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
 
 impl Dispatcher {
-    /// A dispatcher for `cfg`, sharing `breaker` (for status reports).
+    /// A dispatcher for `cfg`, woken by `recorded` (see
+    /// [`super::Notifications::new`]), sharing `breaker` (for status reports).
     pub fn new(
         pool: Pool,
-        database_url: String,
+        recorded: Arc<Notify>,
         cfg: WebhookConfig,
         breaker: Arc<CircuitBreaker>,
     ) -> Result<Self, DispatchError> {
         let client = reqwest::Client::builder().timeout(cfg.timeout).build().map_err(DispatchError::Client)?;
-        Ok(Self { pool, database_url, client, cfg, breaker })
+        Ok(Self { pool, recorded, client, cfg, breaker })
     }
 
     /// Delivers until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(url = %self.cfg.url, "notification dispatcher started");
-        let mut listener = None;
         while !shutdown.is_cancelled() {
             let more = match self.round().await {
                 Ok(more) => more,
@@ -127,17 +130,8 @@ impl Dispatcher {
                 Some(open_for) => open_for.min(self.cfg.poll_interval),
                 None => self.cfg.poll_interval,
             };
-            if listener.is_none() {
-                listener = orderflow_db::Listener::open(&self.database_url, NOTIFY_CHANNEL).await.ok();
-            }
-            let woken = async {
-                match listener.as_mut() {
-                    Some(l) => l.notified().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                alive = woken => if !alive { listener = None },
+                _ = self.recorded.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => {}
             }

@@ -7,6 +7,9 @@ mod dispatcher;
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use dispatcher::{Dispatcher, WebhookConfig};
 
+use orderflow_db::CachedDsl;
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -14,6 +17,7 @@ use orderflow_consumer::{Handler, HandlerError, Incoming};
 use orderflow_contracts::events::Event;
 use orderflow_db::Conn;
 use serde::Serialize;
+use tokio::sync::Notify;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -23,8 +27,6 @@ use crate::schema::notifications;
 pub const CONSUMER: &str = "notification";
 /// Events it consumes.
 pub const BINDINGS: &[&str] = &["shipment.created", "order.confirmed", "order.failed", "order.cancelled"];
-/// Channel on which new notifications wake the dispatcher.
-pub const NOTIFY_CHANNEL: &str = "orderflow_notifications";
 
 /// A recorded notification.
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable, Serialize, ToSchema)]
@@ -96,10 +98,27 @@ fn compose(event: &Event) -> Option<(&str, &str, &'static str, String)> {
 
 /// Records notifications; the [`Dispatcher`] delivers them.
 #[derive(Debug, Clone, Default)]
-pub struct Notifications;
+pub struct Notifications {
+    recorded: Arc<Notify>,
+}
+
+impl Notifications {
+    /// Notifications that wake `recorded` (the [`Dispatcher`] of this
+    /// process) once they are committed.
+    pub fn new(recorded: Arc<Notify>) -> Self {
+        Self { recorded }
+    }
+}
 
 impl Handler for Notifications {
     type Event = Event;
+
+    fn committed(&self, _events: &[&Event]) {
+        // In-process, after the commit: a NOTIFY in the transaction would
+        // serialize its commit with every other NOTIFYing commit on the
+        // server. Dispatchers elsewhere find the rows at their next poll.
+        self.recorded.notify_one();
+    }
 
     async fn handle(&self, conn: &mut Conn, msg: Incoming<'_, Event>) -> Result<(), HandlerError> {
         let Some((order_id, customer_id, kind, text)) = compose(msg.event) else {
@@ -118,10 +137,10 @@ impl Handler for Notifications {
             ))
             .on_conflict((notifications::order_id, notifications::kind))
             .do_nothing()
+            .cached()
             .execute(conn)
             .await?;
         if inserted == 1 {
-            diesel::sql_query(format!("NOTIFY {NOTIFY_CHANNEL}")).execute(conn).await?;
             metrics::counter!("notifications_recorded_total", "kind" => kind).increment(1);
         }
         Ok(())

@@ -4,6 +4,7 @@
 //! statement, so they never hold locks writers wait for: writers only insert
 //! new rows, and a batch skips rows someone else has locked.
 
+use orderflow_db::CachedDsl;
 use std::time::Duration;
 
 use diesel::sql_types::{BigInt, Double};
@@ -82,6 +83,7 @@ async fn delete_in_batches(conn: &mut Conn, delete: &str, age: Duration, batch: 
         let n = diesel::sql_query(delete)
             .bind::<Double, _>(age.as_secs_f64())
             .bind::<BigInt, _>(batch)
+            .cached()
             .execute(conn)
             .await?;
         deleted += n as u64;

@@ -1,5 +1,6 @@
 use diesel::sql_types::{Array, BigInt, Double, SmallInt, Text};
 use diesel_async::RunQueryDsl;
+use orderflow_db::CachedDsl;
 use orderflow_db::Conn;
 
 use super::RelayConfig;
@@ -31,6 +32,7 @@ pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel:
     )
     .bind::<Array<SmallInt>, _>(lanes)
     .bind::<BigInt, _>(limit)
+    .cached()
     .load(conn)
     .await
 }
@@ -52,7 +54,7 @@ pub(crate) async fn mark(
         } else {
             "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)"
         };
-        diesel::sql_query(sql).bind::<Array<BigInt>, _>(&published).execute(conn).await?;
+        diesel::sql_query(sql).bind::<Array<BigInt>, _>(&published).cached().execute(conn).await?;
     }
     // Failed rows: one statement for all of them, not a round trip each.
     let (mut ids, mut errors, mut delays, mut deads) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -90,6 +92,7 @@ pub(crate) async fn mark(
         .bind::<Array<Text>, _>(&errors)
         .bind::<Array<Double>, _>(&delays)
         .bind::<Array<diesel::sql_types::Bool>, _>(&deads)
+        .cached()
         .execute(conn)
         .await?;
     }
