@@ -32,7 +32,10 @@ pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel:
     )
     .bind::<Array<SmallInt>, _>(lanes)
     .bind::<BigInt, _>(limit)
-    .cached()
+    // Not a cached statement: planned each time (once per batch). A generic
+    // plan is chosen once per connection from the table's statistics then,
+    // and one chosen on a near-empty outbox scans the whole index of
+    // unpublished rows for every candidate (quadratic in the backlog).
     .load(conn)
     .await
 }
