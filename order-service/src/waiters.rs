@@ -105,14 +105,16 @@ mod tests {
     async fn a_wake_reaches_every_watcher_of_the_order_and_the_last_one_cleans_up() {
         let waiters = Arc::new(Waiters::default());
         let (a, b, other) = (waiters.watch("o-1"), waiters.watch("o-1"), waiters.watch("o-2"));
-        let (fa, fb, fo) = (a.notify().notified(), b.notify().notified(), other.notify().notified());
-        tokio::pin!(fa, fb, fo);
-        fa.as_mut().enable();
-        fb.as_mut().enable();
-        fo.as_mut().enable();
-        waiters.wake(["o-1"]);
-        tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(fa, fb) }).await.unwrap();
-        assert!(futures_now(fo).is_none(), "o-2 was not changed");
+        {
+            let (fa, fb, fo) = (a.notify().notified(), b.notify().notified(), other.notify().notified());
+            tokio::pin!(fa, fb, fo);
+            fa.as_mut().enable();
+            fb.as_mut().enable();
+            fo.as_mut().enable();
+            waiters.wake(["o-1"]);
+            tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(fa, fb) }).await.unwrap();
+            assert!(futures_now(fo).is_none(), "o-2 was not changed");
+        }
         assert_eq!(waiters.len(), 2);
         drop(a);
         assert_eq!(waiters.len(), 2, "b still watches o-1");

@@ -99,12 +99,17 @@ pub const DEFER_LIMIT: u32 = 20;
 /// outbox rows) commits or rolls back with that record. It must be correct
 /// when messages arrive late or out of order; duplicates never reach it.
 ///
-/// The runtime handles several messages in one transaction, each inside a
-/// savepoint of its own: `conn` is that savepoint. A failing message is
-/// rolled back to it alone, so a handler must not commit, roll back or
-/// change session settings itself; it may open nested transactions (more
-/// savepoints). Each statement runs under the server-side statement and
-/// lock timeouts derived from [`crate::ConsumerConfig::handler_timeout`].
+/// The runtime handles several messages in one transaction, first without
+/// savepoints: if a handler fails, the whole transaction is rolled back,
+/// that message is settled with its failure, and the others run again in a
+/// new transaction (when the failure is no one message's, each then runs in
+/// a savepoint of its own, and `conn` is that savepoint). So a handler may
+/// run more than once for one delivery, and only a committed run counts: it
+/// must do nothing outside `conn` that a rollback would not undo, and must
+/// not commit, roll back or change session settings itself; it may open
+/// nested transactions (savepoints). Each statement runs under the
+/// server-side statement and lock timeouts derived from
+/// [`crate::ConsumerConfig::handler_timeout`].
 pub trait Handler: Send + Sync + 'static {
     /// The events this handler decodes: one [`orderflow_envelope::DomainEvent`]
     /// type, or a catalog's sum type. A message of any other type is

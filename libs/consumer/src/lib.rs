@@ -7,13 +7,19 @@
 //! Per batch: decode every envelope and typed event (undecodable, unknown
 //! type or unknown major version: dead-letter at once with the reason);
 //! begin ONE transaction, with server-side statement and lock timeouts;
-//! for each message, in delivery order, inside a savepoint of its own:
-//! insert `(consumer, message_id)` into `inbox` — a conflict means a
-//! duplicate (also a second copy in the same batch): skip; else run the
-//! handler, which changes domain rows and appends outbox rows. A message
-//! that fails is rolled back to its savepoint alone. Then ONE commit
-//! (`synchronous_commit` stays on), one relay wake-up, and only then the
-//! acks (one per delivery) and the failed messages' forwards.
+//! insert every message's `(consumer, message_id)` into `inbox` with one
+//! statement — what does not come back is a duplicate (also a second copy
+//! in the same batch): skip; then, in delivery order, run the handler of
+//! each new message, which changes domain rows and appends outbox rows.
+//! Then ONE commit (`synchronous_commit` stays on), one relay wake-up,
+//! [`Handler::committed`], and only then the acks (one per delivery) and
+//! the failed messages' forwards.
+//!
+//! That first run has no savepoints (each costs two round trips per
+//! message). If a message fails in it, the transaction is rolled back and
+//! the batch goes again with a savepoint per message: the inbox row and the
+//! handler of each message inside its own, so a message that fails is
+//! rolled back to its savepoint alone and the others commit.
 //!
 //! Failures:
 //! - database unreachable (or the commit's connection lost): the batch is

@@ -424,10 +424,14 @@ enum Failure {
     Stuck { index: usize, after: Duration },
     /// The commit itself failed (no single message to blame).
     Commit(diesel::result::Error),
-    /// A message failed in a batch run without savepoints: the transaction
-    /// was rolled back, and the batch goes again with one savepoint per
-    /// message.
+    /// Something failed in a batch run without savepoints that is no one
+    /// message's (the batch's inbox insert, `prepare`): the transaction was
+    /// rolled back, and the batch goes again with one savepoint per message.
     Fallback,
+    /// Message `index` failed in a batch run without savepoints: the
+    /// transaction was rolled back; the message is settled as if it had
+    /// failed alone, and the rest go again.
+    Failed { index: usize, error: HandlerError },
 }
 
 /// Handles a batch of deliveries: one transaction, one savepoint per
@@ -469,8 +473,15 @@ async fn process_batch<H: Handler>(
             None if one_at_a_time => vec![pending[0]],
             None => pending.clone(),
         };
-        let pause = match transact(ctx, &items, &chunk, starved.is_none(), careful).await {
+        let outcome = match transact(ctx, &items, &chunk, starved.is_none(), careful).await {
+            // Its handler ran once, as it would have in a savepoint; the
+            // others in the chunk were rolled back with it and go again.
+            Err(Failure::Failed { index, error }) => Ok(vec![(index, Err(error))]),
+            other => other,
+        };
+        let pause = match outcome {
             Ok(results) => {
+                let answered: HashSet<usize> = results.iter().map(|(i, _)| *i).collect();
                 {
                     let applied: Vec<&H::Event> = results
                         .iter()
@@ -526,13 +537,15 @@ async fn process_batch<H: Handler>(
                     }
                 }
                 settle(ctx, out, &items, verdicts, started).await;
-                pending.retain(|i| !chunk.contains(i) || again.contains(i));
+                pending.retain(|i| !answered.contains(i) || again.contains(i));
                 pause
             }
             Err(Failure::Fallback) => {
                 careful = true;
                 None
             }
+            // Turned into its message's result above.
+            Err(Failure::Failed { .. }) => None,
             Err(Failure::Database(e)) => {
                 let wait = db_waits.next_wait();
                 warn!(consumer, error = %e, retry_in = ?wait, held = pending.len(), "database unavailable, holding messages");
@@ -676,8 +689,10 @@ async fn transact<H: Handler>(
 enum Abort {
     /// The database failed beneath the batch.
     Db(diesel::result::Error),
-    /// A message failed in a run without savepoints (see [`Failure::Fallback`]).
+    /// No one message failed in a run without savepoints (see [`Failure::Fallback`]).
     Fallback,
+    /// Message `index` failed in a run without savepoints (see [`Failure::Failed`]).
+    Failed { index: usize, error: HandlerError },
 }
 
 impl From<diesel::result::Error> for Abort {
@@ -701,9 +716,12 @@ struct Mode {
     /// Call [`Handler::prepare`] first.
     prepare: bool,
     /// One savepoint per message (and one for `prepare`), so a failing
-    /// message is rolled back alone. Without (the first run of a batch),
+    /// message is rolled back alone. Without (how a batch runs first),
     /// every message's inbox row goes in with one statement, and a failing
-    /// message rolls the whole batch back: it goes again with savepoints.
+    /// handler rolls the whole batch back: that message is settled with its
+    /// failure (its handler ran once, as in a savepoint) and the rest go
+    /// again, still without savepoints. Only a failure that is no one
+    /// message's (the inbox insert, `prepare`) sends the batch to savepoints.
     /// Failures are rare, and the two round trips of a savepoint per message
     /// are a good part of the database's work per message.
     careful: bool,
@@ -754,7 +772,7 @@ async fn run_chunk<H: Handler>(
                 };
                 match prepared {
                     Err(Abort::Db(e)) if classify(&e) == ErrorClass::Connection => return Err(Abort::Db(e)),
-                    Err(Abort::Fallback) => return Err(Abort::Fallback),
+                    Err(Abort::Fallback | Abort::Failed { .. }) => return Err(Abort::Fallback),
                     Err(Abort::Db(e)) => debug!(consumer, error = %e, "batch preparation failed; handling without it"),
                     Ok(flags) => {
                         for (&i, go) in handled.iter().zip(flags.into_iter().chain(std::iter::repeat(true))) {
@@ -777,6 +795,7 @@ async fn run_chunk<H: Handler>(
     match committed {
         Ok(results) => Ok(results),
         Err(Abort::Fallback) => Err(Failure::Fallback),
+        Err(Abort::Failed { index, error }) => Err(Failure::Failed { index, error }),
         Err(Abort::Db(e)) if AtomicBool::load(&finished, Ordering::Relaxed) => Err(Failure::Commit(e)),
         Err(Abort::Db(e)) => Err(Failure::Database(e.to_string())),
     }
@@ -822,8 +841,8 @@ async fn handle_careful<H: Handler>(
 }
 
 /// Every message's inbox row in one statement, then each new message's
-/// handler, without savepoints: any failure rolls the batch back
-/// ([`Abort::Fallback`]).
+/// handler, without savepoints: a failing handler rolls the batch back
+/// ([`Abort::Failed`]), any other failure too ([`Abort::Fallback`]).
 #[allow(clippy::too_many_arguments)]
 async fn handle_at_once<H: Handler>(
     ctx: &Ctx<H>,
@@ -877,10 +896,9 @@ async fn handle_at_once<H: Handler>(
         match result {
             Ok(()) => results.push((i, Ok(Applied::New))),
             Err(HandlerError::Db(e)) if classify(&e) == ErrorClass::Connection => return Err(Abort::Db(e)),
-            Err(e) => {
-                item.span
-                    .in_scope(|| debug!(error = %e, "failed in a batch without savepoints; going again with them"));
-                return Err(Abort::Fallback);
+            Err(error) => {
+                item.span.in_scope(|| debug!(%error, "failed in a batch without savepoints; the rest go again"));
+                return Err(Abort::Failed { index: i, error });
             }
         }
     }

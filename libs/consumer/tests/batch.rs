@@ -190,8 +190,12 @@ async fn a_poisoned_message_in_a_batch_is_dead_lettered_alone_and_the_rest_commi
     .await;
     assert_eq!(count(&s.db.pool, "SELECT count(*) AS n FROM effects").await, 9, "the poisoned write rolled back");
     assert_eq!(count(&s.db.pool, "SELECT count(DISTINCT tx) AS n FROM effects").await, 1, "one commit for the batch");
+    // The batch ran without savepoints first: the poisoned message rolled it
+    // back, and the good ones before it ran once more (their first run was
+    // undone); the poisoned one ran once, as it would have in a savepoint.
     for env in &good {
-        assert_eq!(handler.calls(env.message_id), 1);
+        let calls = handler.calls(env.message_id);
+        assert!((1..=2).contains(&calls), "{calls} runs of a good message");
     }
     assert_eq!(handler.calls(poisoned.message_id), 1, "a permanent failure is not retried");
     shutdown.cancel();

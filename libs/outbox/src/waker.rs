@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::sql_types::Text;
-use diesel_async::RunQueryDsl;
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -70,7 +70,18 @@ async fn notifier(url: String, wanted: Arc<Notify>, shutdown: CancellationToken)
         }
         if conn.is_none() {
             match orderflow_db::establish(&url).await {
-                Ok(c) => conn = Some(c),
+                Ok(mut c) => {
+                    // A NOTIFY's transaction gets a transaction id and, with
+                    // synchronous commit, waits for its own WAL flush. It
+                    // changes no data; a wake-up lost in a crash costs at most
+                    // a relay poll interval, so it need not wait.
+                    if let Err(e) = c.batch_execute("SET synchronous_commit = off").await {
+                        debug!(error = %e, "waker cannot set up its connection; relays will poll");
+                        sleep_or_shutdown(Duration::from_millis(500), &shutdown).await;
+                        continue;
+                    }
+                    conn = Some(c)
+                }
                 Err(e) => {
                     // The relays' poll picks the rows up meanwhile.
                     debug!(error = %e, "waker cannot connect; relays will poll");
