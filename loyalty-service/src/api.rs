@@ -63,19 +63,29 @@ struct Row {
 pub async fn customer_points(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let mut conn = state.pool.get().await?;
-    let account: Vec<Row> = diesel::sql_query("SELECT balance FROM accounts WHERE customer_id = $1")
-        .bind::<Text, _>(&id)
-        .load(&mut conn)
+    // One snapshot for both reads: a grant committed between them would
+    // show without its balance change.
+    let (account, grants) = conn
+        .build_transaction()
+        .repeatable_read()
+        .read_only()
+        .run::<_, diesel::result::Error, _>(async |tx| {
+            let account: Vec<Row> = diesel::sql_query("SELECT balance FROM accounts WHERE customer_id = $1")
+                .bind::<Text, _>(&id)
+                .load(tx)
+                .await?;
+            let grants: Vec<Grant> = diesel::sql_query(
+                "SELECT order_id, points, granted_at, revoked_at FROM grants \
+                 WHERE customer_id = $1 ORDER BY granted_at DESC, order_id LIMIT 100",
+            )
+            .bind::<Text, _>(&id)
+            .load(tx)
+            .await?;
+            Ok((account, grants))
+        })
         .await?;
     let Some(account) = account.into_iter().next() else {
         return Err(Problem::not_found(format!("customer {id} has no points")).into());
     };
-    let grants: Vec<Grant> = diesel::sql_query(
-        "SELECT order_id, points, granted_at, revoked_at FROM grants \
-         WHERE customer_id = $1 ORDER BY granted_at DESC, order_id LIMIT 100",
-    )
-    .bind::<Text, _>(&id)
-    .load(&mut conn)
-    .await?;
     Ok(HttpResponse::Ok().json(Balance { customer_id: id, balance: account.balance, grants }))
 }

@@ -115,14 +115,19 @@ async fn points_are_granted_once_under_duplicate_delivery_and_revoked_on_cancel(
     // A cancellation that overtakes its confirmation (a retried message).
     let overtaken = format!("ord-{}", Uuid::now_v7());
     broker.publish(&channel, &cancelled(&overtaken, &customer)).await;
-    // A fence: once its points show, everything before it was handled.
+    // A last order, after the others.
     let fence = format!("ord-{}", Uuid::now_v7());
     broker.publish(&channel, &confirmed(&overtaken, &customer, 50_000)).await;
     broker.publish(&channel, &confirmed(&fence, &customer, 100)).await;
 
-    let account = eventually_some("the fence's point is granted", DEADLINE, || async {
+    // Batches run side by side, so the fence may commit before the others:
+    // wait until every order has its grant row (each written in the same
+    // transaction as its balance change).
+    let account = eventually_some("every order's grant is recorded", DEADLINE, || async {
         let b = balance(&base, &customer).await?;
-        b["grants"].as_array()?.iter().any(|g| g["order_id"] == fence.as_str()).then_some(b)
+        let grants = b["grants"].as_array()?;
+        let has = |id: &str| grants.iter().any(|g| g["order_id"] == id);
+        (has(&order) && has(&overtaken) && has(&fence)).then_some(b)
     })
     .await;
     assert_eq!(
