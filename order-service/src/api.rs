@@ -217,10 +217,10 @@ pub async fn get_order(
         if order.row.status != OrderStatus::Pending || now >= deadline {
             return Ok(HttpResponse::Ok().json(OrderView::from(order)));
         }
-        if let Some(w) = woken.as_pin_mut() {
-            if tokio::time::timeout_at(deadline.min(now + recheck), w).await.is_err() {
-                recheck = (recheck * 2).min(crate::waiters::RECHECK_MAX);
-            }
+        if let Some(w) = woken.as_pin_mut()
+            && tokio::time::timeout_at(deadline.min(now + recheck), w).await.is_err()
+        {
+            recheck = (recheck * 2).min(crate::waiters::RECHECK_MAX);
         }
     }
 }

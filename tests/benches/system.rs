@@ -25,7 +25,7 @@
 //! BENCH_THROUGHPUT_SECONDS (60), BENCH_STEP_SECONDS (20), BENCH_WARMUP_SECONDS
 //! (5), BENCH_SWEEP_RATES ("25,50,100,200,300,400,500,700,1000"),
 //! BENCH_THROUGHPUT_RATE (default: 1.5 x the best completed rate of the
-//! sweep, at least 50), BENCH_INTAKE_SECONDS (15), BENCH_INTAKE_RATE (3000),
+//! sweep, at least 50), BENCH_INTAKE_SECONDS (15), BENCH_INTAKE_RATE (6000),
 //! BENCH_PGBENCH_SECONDS (15), BENCH_CEILING_MESSAGES (50000),
 //! BENCH_SVG (tests/benches/results/latency.svg), BENCH_SKIP_HOT=1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, missing_docs)]
@@ -747,7 +747,7 @@ async fn main() {
     let step = size("BENCH_STEP_SECONDS", 20.0, 6.0);
     let throughput_s = size("BENCH_THROUGHPUT_SECONDS", 60.0, 10.0);
     let intake_s = size("BENCH_INTAKE_SECONDS", 15.0, 5.0);
-    let intake_rate = size("BENCH_INTAKE_RATE", 3000.0, 3000.0);
+    let intake_rate = size("BENCH_INTAKE_RATE", 6000.0, 6000.0);
     let pgbench_s = size("BENCH_PGBENCH_SECONDS", 15.0, 5.0) as u64;
     let ceiling_messages = size("BENCH_CEILING_MESSAGES", 50_000.0, 20_000.0) as usize;
     let rates: Vec<f64> = std::env::var("BENCH_SWEEP_RATES")
