@@ -154,8 +154,11 @@ fuzz() {
 #   rightly refuses it (400: more than 2 decimal places).
 # This hook teaches the generator those two rules: in cases meant to be
 # valid, a repeated SKU is renamed and a numeric price is rounded to cents.
-# Cases meant to be invalid are left alone, no failure is filtered, and every
-# check still runs on every case.
+# It also caps a valid `wait` of GET /orders/{id} (a long poll, 0 to 30 s) at
+# 1 s: no relay runs here, so the orders the fuzzer creates stay pending and
+# each such request would last its whole wait (tests/tests/long_poll.rs
+# tests the long poll itself). Cases meant to be invalid are left alone, no
+# failure is filtered, and every check still runs on every case.
 cat >"$WORK/orderflow_fuzz_hooks.py" <<'PY'
 import schemathesis
 
@@ -171,14 +174,16 @@ def cents(price):
 def map_case(context, case):
     operation = context.operation
     meta = case.meta
-    if (
-        operation is None
-        or meta is None
-        or not meta.generation.mode.is_positive
-        or not isinstance(case.body, dict)
-    ):
+    if operation is None or meta is None or not meta.generation.mode.is_positive:
         return case
     route = (operation.method.upper(), operation.path)
+    if route == ("GET", "/orders/{id}"):
+        wait = (case.query or {}).get("wait")
+        if isinstance(wait, int) and not isinstance(wait, bool) and wait > 1:
+            case.query = {**case.query, "wait": 1}
+        return case
+    if not isinstance(case.body, dict):
+        return case
     if route == ("POST", "/products"):
         if "price" in case.body:
             case.body = {**case.body, "price": cents(case.body["price"])}
