@@ -149,11 +149,13 @@ async fn points_are_granted_once_under_duplicate_delivery_and_revoked_on_cancel(
         assert_eq!(env.event_type, PointsGranted::EVENT_TYPE);
         granted.push(env.decode::<PointsGranted>().unwrap());
     }
-    assert_eq!(
-        granted.iter().map(|g| (g.order_id.as_str(), g.points, g.balance)).collect::<Vec<_>>(),
-        [(order.as_str(), 125, 125), (fence.as_str(), 1, 126)],
-        "in the order written for the customer"
-    );
+    // In the order written for the customer: whichever of the two batches
+    // committed first (they run side by side) is published first, and each
+    // event carries the balance after it.
+    let seen: Vec<_> = granted.iter().map(|g| (g.order_id.as_str(), g.points, g.balance)).collect();
+    let in_order = [(order.as_str(), 125, 125), (fence.as_str(), 1, 126)];
+    let fence_first = [(fence.as_str(), 1, 1), (order.as_str(), 125, 126)];
+    assert!(seen == in_order || seen == fence_first, "in the order written for the customer: {seen:?}");
 
     // Cancelled, twice: revoked once.
     let cancel = cancelled(&order, &customer);
