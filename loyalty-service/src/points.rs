@@ -57,6 +57,9 @@ struct Account {
 
 #[derive(QueryableByName)]
 struct Revoked {
+    /// The row was inserted (a tombstone), not an existing grant revoked.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    tombstone: bool,
     #[diesel(sql_type = Text)]
     customer_id: String,
     #[diesel(sql_type = BigInt)]
@@ -94,25 +97,26 @@ pub async fn confirm(conn: &mut Conn, order: &OrderConfirmed, meta: &Metadata) -
 
 /// Takes a cancelled order's points back. A cancellation that comes first
 /// leaves a revoked grant of 0 points, so its confirmation grants nothing.
+///
+/// One statement decides both: a cancellation and the confirmation of the
+/// same order can run side by side (two batches), and a look-then-insert
+/// lost the cancellation when the confirmation's grant was inserted but not
+/// yet committed (the look saw nothing, the insert then found the grant and
+/// did nothing). The upsert waits for such a grant and revokes it.
 pub async fn cancel(conn: &mut Conn, order: &OrderCancelled, meta: &Metadata) -> diesel::QueryResult<()> {
-    let revoked: Option<Revoked> = diesel::sql_query(
-        "UPDATE grants SET revoked_at = now() WHERE order_id = $1 AND revoked_at IS NULL \
-         RETURNING customer_id, points",
+    let outcome: Option<Revoked> = diesel::sql_query(
+        "INSERT INTO grants (order_id, customer_id, points, revoked_at) VALUES ($1, $2, 0, now()) \
+         ON CONFLICT (order_id) DO UPDATE SET revoked_at = now() WHERE grants.revoked_at IS NULL \
+         RETURNING (xmax = 0) AS tombstone, customer_id, points",
     )
     .bind::<Text, _>(&order.order_id)
+    .bind::<Text, _>(&order.customer_id)
     .get_result(conn)
     .await
     .map(Some)
     .or_else(|e| if e == diesel::result::Error::NotFound { Ok(None) } else { Err(e) })?;
-    let Some(revoked) = revoked else {
-        diesel::sql_query(
-            "INSERT INTO grants (order_id, customer_id, points, revoked_at) VALUES ($1, $2, 0, now()) \
-             ON CONFLICT (order_id) DO NOTHING",
-        )
-        .bind::<Text, _>(&order.order_id)
-        .bind::<Text, _>(&order.customer_id)
-        .execute(conn)
-        .await?;
+    // Nothing back: revoked before. A new row (xmax 0): the tombstone.
+    let Some(revoked) = outcome.filter(|r| !r.tombstone) else {
         return Ok(());
     };
     let account = change_balance(conn, &revoked.customer_id, -revoked.points).await?;

@@ -112,9 +112,13 @@ async fn points_are_granted_once_under_duplicate_delivery_and_revoked_on_cancel(
     for env in [&first, &first, &first, &confirmed(&order, &customer, 12_599)] {
         broker.publish(&channel, env).await;
     }
-    // A cancellation that overtakes its confirmation (a retried message).
+    // A cancellation that overtakes its confirmation (a retried message):
+    // handled first (its tombstone is in), then the confirmation arrives.
+    // (The two racing each other: tests/race.rs.)
     let overtaken = format!("ord-{}", Uuid::now_v7());
     broker.publish(&channel, &cancelled(&overtaken, &customer)).await;
+    let tombstone = format!("SELECT count(*) AS n FROM grants WHERE order_id = '{overtaken}'");
+    eventually("the cancellation is handled", DEADLINE, || async { count(&db.pool, &tombstone).await == 1 }).await;
     // A last order, after the others.
     let fence = format!("ord-{}", Uuid::now_v7());
     broker.publish(&channel, &confirmed(&overtaken, &customer, 50_000)).await;
