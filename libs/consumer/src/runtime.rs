@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_async::{AsyncConnection, RunQueryDsl};
 use futures::{FutureExt, StreamExt};
 use orderflow_broker::lapin::message::Delivery;
 use orderflow_broker::lapin::options::{
@@ -473,7 +473,9 @@ async fn process_batch<H: Handler>(
             None if one_at_a_time => vec![pending[0]],
             None => pending.clone(),
         };
-        let outcome = match transact(ctx, &items, &chunk, starved.is_none(), careful).await {
+        let (outcome, appended) =
+            orderflow_outbox::watch_appends(transact(ctx, &items, &chunk, starved.is_none(), careful)).await;
+        let outcome = match outcome {
             // Its handler ran once, as it would have in a savepoint; the
             // others in the chunk were rolled back with it and go again.
             Err(Failure::Failed { index, error }) => Ok(vec![(index, Err(error))]),
@@ -489,8 +491,11 @@ async fn process_batch<H: Handler>(
                         .filter_map(|(i, _)| items[*i].message.as_ref().map(|(_, e)| e))
                         .collect();
                     if !applied.is_empty() {
-                        // One wake-up per committed batch.
-                        ctx.cfg.waker.wake();
+                        // One wake-up per committed batch that gave the
+                        // relays something.
+                        if appended {
+                            ctx.cfg.waker.wake();
+                        }
                         ctx.handler.committed(&applied);
                     }
                 }
@@ -741,57 +746,54 @@ async fn run_chunk<H: Handler>(
     // handler: each statement and lock wait (the handler's timeout), a
     // client that went quiet mid-transaction, and a client that went away
     // while a statement runs (checked every second).
-    let settings = format!(
-        "SET LOCAL statement_timeout = {limit}; SET LOCAL lock_timeout = {limit}; \
+    // (In the BEGIN's round trip.)
+    let begin = format!(
+        "BEGIN; SET LOCAL statement_timeout = {limit}; SET LOCAL lock_timeout = {limit}; \
          SET LOCAL idle_in_transaction_session_timeout = {idle}; \
          SET LOCAL client_connection_check_interval = 1000",
         idle = guard.as_millis().max(1) * 2,
     );
     let finished = AtomicBool::new(false);
     let consumer = ctx.cfg.spec.consumer.as_str();
-    let committed = conn
-        .transaction::<_, Abort, _>(async |tx| {
-            tx.batch_execute(&settings).await?;
-            let handled: Vec<usize> = chunk.iter().copied().filter(|&i| items[i].message.is_some()).collect();
-            let events: Vec<&H::Event> =
-                handled.iter().filter_map(|&i| items[i].message.as_ref().map(|(_, e)| e)).collect();
-            // Even for one message: the shared rows are then always taken
-            // first and without waiting, batch or not.
-            let mut ready: HashSet<usize> = handled.iter().copied().collect();
-            if mode.prepare {
-                let prepared = if mode.careful {
-                    tx.transaction::<Vec<bool>, diesel::result::Error, _>(async |sp| {
-                        ctx.handler.prepare(sp, &events).await
-                    })
+    let committed = orderflow_db::transaction_with::<_, Abort>(conn, &begin, async |tx| {
+        let handled: Vec<usize> = chunk.iter().copied().filter(|&i| items[i].message.is_some()).collect();
+        let events: Vec<&H::Event> =
+            handled.iter().filter_map(|&i| items[i].message.as_ref().map(|(_, e)| e)).collect();
+        // Even for one message: the shared rows are then always taken
+        // first and without waiting, batch or not.
+        let mut ready: HashSet<usize> = handled.iter().copied().collect();
+        if mode.prepare {
+            let prepared = if mode.careful {
+                tx.transaction::<Vec<bool>, diesel::result::Error, _>(async |sp| ctx.handler.prepare(sp, &events).await)
                     .await
                     .map_err(Abort::Db)
-                } else {
-                    // Without a savepoint a failure leaves the transaction
-                    // aborted: the batch goes again, with one.
-                    ctx.handler.prepare(tx, &events).await.map_err(fallback)
-                };
-                match prepared {
-                    Err(Abort::Db(e)) if classify(&e) == ErrorClass::Connection => return Err(Abort::Db(e)),
-                    Err(Abort::Fallback | Abort::Failed { .. }) => return Err(Abort::Fallback),
-                    Err(Abort::Db(e)) => debug!(consumer, error = %e, "batch preparation failed; handling without it"),
-                    Ok(flags) => {
-                        for (&i, go) in handled.iter().zip(flags.into_iter().chain(std::iter::repeat(true))) {
-                            if !go {
-                                ready.remove(&i);
-                            }
+            } else {
+                // Without a savepoint a failure leaves the transaction
+                // aborted: the batch goes again, with one.
+                ctx.handler.prepare(tx, &events).await.map_err(fallback)
+            };
+            match prepared {
+                Err(Abort::Db(e)) if classify(&e) == ErrorClass::Connection => return Err(Abort::Db(e)),
+                Err(Abort::Fallback | Abort::Failed { .. }) => return Err(Abort::Fallback),
+                Err(Abort::Db(e)) => debug!(consumer, error = %e, "batch preparation failed; handling without it"),
+                Ok(flags) => {
+                    for (&i, go) in handled.iter().zip(flags.into_iter().chain(std::iter::repeat(true))) {
+                        if !go {
+                            ready.remove(&i);
                         }
                     }
                 }
             }
-            let results = if mode.careful {
-                handle_careful(ctx, consumer, tx, items, chunk, &ready, watch, guard).await?
-            } else {
-                handle_at_once(ctx, consumer, tx, items, chunk, &ready, watch, guard).await?
-            };
-            finished.store(true, Ordering::Relaxed);
-            Ok(results)
-        })
-        .await;
+        }
+        let results = if mode.careful {
+            handle_careful(ctx, consumer, tx, items, chunk, &ready, watch, guard).await?
+        } else {
+            handle_at_once(ctx, consumer, tx, items, chunk, &ready, watch, guard).await?
+        };
+        finished.store(true, Ordering::Relaxed);
+        Ok(results)
+    })
+    .await;
     match committed {
         Ok(results) => Ok(results),
         Err(Abort::Fallback) => Err(Failure::Fallback),

@@ -45,6 +45,34 @@ pub type PoolError = diesel_async::pooled_connection::deadpool::PoolError;
 /// A connection checked out of a [`Pool`].
 pub type PooledConn = diesel_async::pooled_connection::deadpool::Object<Conn>;
 
+/// Runs `work` in a transaction opened by `begin`, SQL that starts with
+/// `BEGIN` and may set the transaction up in the same breath (e.g.
+/// `BEGIN; SET LOCAL statement_timeout = 5000`): one round trip where
+/// `BEGIN` and then the settings would take two. Committed if `work`
+/// succeeds, rolled back if it fails, as `AsyncConnection::transaction`.
+pub async fn transaction_with<R, E>(
+    conn: &mut Conn,
+    begin: &str,
+    work: impl AsyncFnOnce(&mut Conn) -> Result<R, E>,
+) -> Result<R, E>
+where
+    E: From<diesel::result::Error>,
+{
+    use diesel_async::{AnsiTransactionManager, TransactionManager};
+    AnsiTransactionManager::begin_transaction_sql(conn, begin).await?;
+    match work(&mut *conn).await {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(conn).await?;
+            Ok(value)
+        }
+        Err(error) => match AnsiTransactionManager::rollback_transaction(conn).await {
+            // The work's error says more than a rollback on a broken connection.
+            Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(error),
+            Err(rollback) => Err(rollback.into()),
+        },
+    }
+}
+
 /// `url` with the connection settings every orderflow connection needs,
 /// unless the URL sets them itself: a connect timeout, TCP keepalives, and a
 /// TCP user timeout. Without them a connection to a server that stops

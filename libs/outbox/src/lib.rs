@@ -66,4 +66,4 @@ pub use limits::{DEFAULT_MAX_MESSAGE_BYTES, Limits, MAX_EVENT_TYPE_BYTES, MAX_HE
 pub use registration::describe_and_register;
 pub use row::{OutboxHeaders, PendingRow};
 pub use waker::{Waker, notify};
-pub use writer::{NOTIFY_CHANNEL, append, append_with, emit};
+pub use writer::{NOTIFY_CHANNEL, append, append_with, emit, watch_appends};

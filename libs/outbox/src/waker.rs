@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use diesel::sql_types::Text;
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use orderflow_db::CachedDsl;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -110,7 +111,7 @@ async fn notifier(url: String, wanted: Arc<Notify>, shutdown: CancellationToken)
 /// Sends one wake-up on `conn` now (in its own transaction if none is open).
 /// Tests and tools that append rows without a [`Waker`] use it after commit.
 pub async fn notify(conn: &mut orderflow_db::Conn) -> diesel::QueryResult<()> {
-    diesel::sql_query("SELECT pg_notify($1, '')").bind::<Text, _>(NOTIFY_CHANNEL).execute(conn).await.map(drop)
+    diesel::sql_query("SELECT pg_notify($1, '')").bind::<Text, _>(NOTIFY_CHANNEL).cached().execute(conn).await.map(drop)
 }
 
 async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) {

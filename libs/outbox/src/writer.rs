@@ -28,6 +28,26 @@ struct NewRow<'a> {
     occurred_at: DateTime<Utc>,
 }
 
+tokio::task_local! {
+    /// Set by [`append_with`] while [`watch_appends`] runs.
+    static APPENDED: std::cell::Cell<bool>;
+}
+
+/// Runs `work` and tells whether it appended outbox rows (in this task), so
+/// that a consumer wakes the relays only after a commit that gave them
+/// something: most handlers write no events for most messages (a timeline
+/// entry, a notification), and every wake-up costs a `NOTIFY` and a claim.
+/// Rows appended from another task go unseen; they wait for the relay's
+/// poll, as after a lost wake-up.
+pub async fn watch_appends<F: Future>(work: F) -> (F::Output, bool) {
+    APPENDED
+        .scope(std::cell::Cell::new(false), async {
+            let out = work.await;
+            (out, APPENDED.with(std::cell::Cell::get))
+        })
+        .await
+}
+
 /// Appends `events` to the outbox inside the caller's open transaction.
 /// Nothing is published here: the rows become visible to the relay only if
 /// the caller commits. After the commit, the caller wakes the relay with
@@ -71,6 +91,8 @@ pub async fn append_with(conn: &mut Conn, events: &[Envelope], limits: &Limits) 
         })
         .collect::<Vec<_>>();
     diesel::insert_into(outbox::table).values(&rows).cached().execute(conn).await?;
+    // Outside `watch_appends` there is no one to tell.
+    let _ = APPENDED.try_with(|appended| appended.set(true));
     for e in events {
         metrics::counter!("outbox_appended_total", "event_type" => e.event_type.clone()).increment(1);
     }

@@ -372,9 +372,14 @@ async fn connect(cfg: &RelayConfig, role: Role) -> Result<Conn, RelayError> {
     let ms = |d: Duration| d.as_millis().max(1);
     let (name, bounds) = match role {
         Role::Session => (String::new(), format!("SET idle_session_timeout = {}", ms(limit))),
-        Role::Worker(w) => {
-            (format!("/w{w}"), format!("SET idle_in_transaction_session_timeout = {}", ms(cfg.confirm_timeout + limit)))
-        }
+        Role::Worker(w) => (
+            format!("/w{w}"),
+            format!(
+                "SET idle_in_transaction_session_timeout = {}; {}",
+                ms(cfg.confirm_timeout + limit),
+                store::WORKER_SETTINGS
+            ),
+        ),
     };
     let settings = format!("SET synchronous_commit = off; SET statement_timeout = {}; {bounds}", ms(limit));
     bounded(limit, conn.batch_execute(&settings)).await?;
@@ -396,6 +401,10 @@ struct Batch {
     confirms: FuturesUnordered<Confirm>,
     started: Instant,
     claimed: Duration,
+    /// Which claim of this pump took it (see [`Db::claims`]).
+    claim: u64,
+    /// A later event of one of its aggregates was waiting behind it.
+    has_next: bool,
 }
 
 /// What woke the pump.
@@ -423,6 +432,12 @@ struct Db {
     /// Whether each worker has a transaction open.
     in_tx: Vec<bool>,
     lanes: crate::lanes::Lanes,
+    /// Claims run so far. Once a batch is marked, the rows it held back
+    /// (later events of its aggregates) are claimable: a claim is worth
+    /// running only if such a row may exist, i.e. the batch knew of one,
+    /// or another claim ran while it was in flight (and skipped one that
+    /// came meanwhile). Otherwise every batch would cost an empty claim.
+    claims: u64,
     last_lease: Option<Instant>,
     progress: Progress,
     limit: Duration,
@@ -442,7 +457,7 @@ impl Db {
         }
         info!(relay = %cfg.relay_id, "database session open");
         let in_tx = vec![false; workers.len()];
-        Ok(Self { session, workers, in_tx, lanes, last_lease: None, progress: Progress::default(), limit })
+        Ok(Self { session, workers, in_tx, lanes, claims: 0, last_lease: None, progress: Progress::default(), limit })
     }
 
     async fn begin(&mut self, w: usize) -> Result<(), RelayError> {
@@ -569,8 +584,8 @@ impl Db {
                         .filter_map(|(w, b)| b.take().map(|b| (w, b)))
                         .collect();
                     for (w, batch) in complete {
+                        may_have_work |= batch.has_next || self.claims > batch.claim;
                         self.finish(w, batch, cfg).await?;
-                        may_have_work = true;
                     }
                 }
                 Wake::Notified(n) => {
@@ -606,7 +621,11 @@ impl Db {
         }
         let started = Instant::now();
         self.begin(w).await?;
-        let rows = bounded(self.limit, store::claim(&mut self.workers[w], &lanes, cfg.batch_size)).await?;
+        self.claims += 1;
+        let claim = self.claims;
+        let claimed = bounded(self.limit, store::claim(&mut self.workers[w], &lanes, cfg.batch_size)).await?;
+        let has_next = claimed.iter().any(|c| c.has_next);
+        let rows: Vec<PendingRow> = claimed.into_iter().map(|c| c.pending).collect();
         if rows.is_empty() {
             self.commit(w).await?;
             return Ok((0, None));
@@ -621,13 +640,13 @@ impl Db {
                 Err(e) => {
                     // Keep the confirms sent so far in `slot`: they say why
                     // it failed, and the transaction is rolled back with it.
-                    *slot = Some(Batch { rows, outcomes, confirms, started, claimed });
+                    *slot = Some(Batch { rows, outcomes, confirms, started, claimed, claim, has_next });
                     return Err(e);
                 }
             }
         }
         let count = rows.len();
-        let batch = Batch { rows, outcomes, confirms, started, claimed };
+        let batch = Batch { rows, outcomes, confirms, started, claimed, claim, has_next };
         if batch.confirms.is_empty() {
             // Nothing was sendable: mark the invalid rows right away.
             self.finish(w, batch, cfg).await?;
@@ -655,7 +674,11 @@ impl Db {
         let limit = i64::try_from(*careful).unwrap_or(cfg.batch_size).min(cfg.batch_size);
         let started = Instant::now();
         self.begin(0).await?;
-        let rows = bounded(self.limit, store::claim(&mut self.workers[0], &lanes, limit)).await?;
+        self.claims += 1;
+        let claim = self.claims;
+        let claimed = bounded(self.limit, store::claim(&mut self.workers[0], &lanes, limit)).await?;
+        let has_next = claimed.iter().any(|c| c.has_next);
+        let rows: Vec<PendingRow> = claimed.into_iter().map(|c| c.pending).collect();
         if rows.is_empty() {
             self.commit(0).await?;
             *careful = 0;
@@ -708,7 +731,7 @@ impl Db {
         let done = outcomes.iter().filter(|o| o.is_some()).count();
         *careful = careful.saturating_sub(done.max(1));
         let count = rows.len();
-        let batch = Batch { rows, outcomes, confirms: FuturesUnordered::new(), started, claimed };
+        let batch = Batch { rows, outcomes, confirms: FuturesUnordered::new(), started, claimed, claim, has_next };
         self.mark(0, batch, cfg).await?;
         match failure {
             Some(e) => Err(e),

@@ -1,4 +1,5 @@
-use diesel::sql_types::{Array, BigInt, Double, SmallInt, Text};
+use diesel::QueryableByName;
+use diesel::sql_types::{Array, BigInt, Bool, Double, SmallInt, Text};
 use diesel_async::RunQueryDsl;
 use orderflow_db::CachedDsl;
 use orderflow_db::Conn;
@@ -6,6 +7,16 @@ use orderflow_db::Conn;
 use super::RelayConfig;
 use super::publisher::Outcome;
 use crate::PendingRow;
+
+/// A claimed row, and whether a later event of its aggregate was already
+/// waiting behind it (it becomes claimable once this one is marked).
+#[derive(QueryableByName)]
+pub(crate) struct Claimed {
+    #[diesel(embed)]
+    pub(crate) pending: PendingRow,
+    #[diesel(sql_type = Bool)]
+    pub(crate) has_next: bool,
+}
 
 /// Claims up to `limit` due rows of `lanes`, in id order, locking them.
 ///
@@ -15,30 +26,47 @@ use crate::PendingRow;
 /// aggregate, two batches in flight at once cannot reorder an aggregate, and
 /// a stuck aggregate stops only itself. Rows locked by someone else (another
 /// batch, an operator's replay) are skipped, never waited for.
-pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel::QueryResult<Vec<PendingRow>> {
+///
+/// A prepared statement, planned once per connection: the worker
+/// connections turn sequential scans and sorts off (see `connect`), and the
+/// head check is a subquery of its own (`OFFSET 0` keeps the planner from
+/// turning it into a join), so the one plan there is walks the unpublished
+/// rows in id order and looks up each candidate's aggregate by index,
+/// whatever the table's size or statistics when it was planned. (Left to
+/// the planner, a plan made on an empty or unanalyzed outbox scanned every
+/// unpublished row for every candidate: quadratic in the backlog.)
+pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel::QueryResult<Vec<Claimed>> {
     diesel::sql_query(
         "SELECT o.id, o.message_id, o.event_type, o.schema_version, o.aggregate_type, \
                 o.aggregate_id, o.aggregate_version, o.payload, o.headers, o.occurred_at, \
-                o.created_at, o.attempts \
+                o.created_at, o.attempts, \
+                EXISTS ( \
+                    SELECT 1 FROM outbox n \
+                    WHERE n.aggregate_id = o.aggregate_id AND n.id > o.id AND n.published_at IS NULL) AS has_next \
          FROM outbox o \
          WHERE o.published_at IS NULL AND o.dead_at IS NULL \
            AND o.lane = ANY($1) AND o.next_attempt_at <= now() \
            AND NOT EXISTS ( \
                SELECT 1 FROM outbox e \
-               WHERE e.aggregate_id = o.aggregate_id AND e.id < o.id AND e.published_at IS NULL) \
+               WHERE e.aggregate_id = o.aggregate_id AND e.id < o.id AND e.published_at IS NULL \
+               OFFSET 0) \
          ORDER BY o.id \
          LIMIT $2 \
          FOR UPDATE OF o SKIP LOCKED",
     )
     .bind::<Array<SmallInt>, _>(lanes)
     .bind::<BigInt, _>(limit)
-    // Not a cached statement: planned each time (once per batch). A generic
-    // plan is chosen once per connection from the table's statistics then,
-    // and one chosen on a near-empty outbox scans the whole index of
-    // unpublished rows for every candidate (quadratic in the backlog).
+    .cached()
     .load(conn)
     .await
 }
+
+/// Session settings of the connections that claim and mark: with them the
+/// claim's one plan is the index walk whatever the statistics say, and it
+/// and the marks (`id = ANY($1)`, which PostgreSQL would otherwise plan
+/// afresh for every array) are planned once per connection.
+pub(crate) const WORKER_SETTINGS: &str =
+    "SET enable_seqscan = off; SET enable_sort = off; SET plan_cache_mode = force_generic_plan";
 
 /// Records the outcomes of a batch in the claim transaction. A row without
 /// an outcome was not sent (its batch stopped before it): it stays as it was.
