@@ -336,3 +336,109 @@ async fn append_refuses_what_can_never_be_published_and_the_transaction_goes_on(
     .unwrap();
     assert_eq!(count(&db.pool, "SELECT count(*) AS n FROM outbox").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_held_back_by_their_aggregate_go_as_soon_as_the_one_before_is_marked() {
+    // No poll to fall back on: one wake-up for eight events of one order
+    // written together. Only the first is claimable at first; each later
+    // one must be claimed as soon as the one before it is marked, not at
+    // the next poll (the relay no longer claims after every batch).
+    let db = TestDb::new(None).await;
+    let broker = TestBroker::new().await;
+    let (_conn, channel) = probe(&broker, &["#"]).await;
+    let order = Uuid::now_v7();
+    write(&db.pool, (1..=8).map(|v| declined(order, v)).collect()).await;
+
+    let mut cfg = fast(&db, &broker);
+    cfg.poll_interval = Duration::from_secs(3600);
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(relay::run(cfg, shutdown.clone()));
+    let queue = broker.topology.queue("probe");
+    let got = std::cell::RefCell::new(Vec::new());
+    eventually("all 8 events published without a poll", DEADLINE, || async {
+        let new = drain(&channel, &queue).await;
+        got.borrow_mut().extend(new);
+        got.borrow().len() >= 8
+    })
+    .await;
+    let versions: Vec<i64> = got.into_inner().iter().map(|e| e.aggregate_version).collect();
+    assert_eq!(versions, (1..=8).collect::<Vec<_>>());
+    shutdown.cancel();
+    relay.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_is_planned_once_as_an_index_walk_even_on_an_empty_analyzed_outbox() {
+    // The relay's workers prepare the claim once per connection, usually
+    // when the outbox is empty. PostgreSQL's plan for an empty, analyzed
+    // table is a sequential scan with a sequential scan per candidate,
+    // quadratic once a backlog builds up. With the workers' settings the
+    // one plan is the walk of the unpublished rows by index, each
+    // candidate's aggregate looked up by index.
+    let db = TestDb::new(None).await;
+    let mut conn = db.pool.get().await.unwrap();
+    let conn: &mut Conn = &mut conn;
+    diesel_async::SimpleAsyncConnection::batch_execute(conn, relay::WORKER_SETTINGS).await.unwrap();
+    diesel_async::SimpleAsyncConnection::batch_execute(conn, "ANALYZE outbox").await.unwrap();
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        conn,
+        &format!("PREPARE claim(smallint[], bigint) AS {}", relay::CLAIM_SQL),
+    )
+    .await
+    .unwrap();
+    // Its one plan is made at its first run, on the empty outbox.
+    diesel_async::SimpleAsyncConnection::batch_execute(conn, "EXECUTE claim('{0}', 100)").await.unwrap();
+    // A backlog the plan was not made for.
+    let orders: Vec<Uuid> = (0..50).map(|_| Uuid::now_v7()).collect();
+    for version in 1..=20 {
+        let mut conn = db.pool.get().await.unwrap();
+        let conn: &mut Conn = &mut conn;
+        let events: Vec<Envelope> = orders.iter().map(|o| declined(*o, version)).collect();
+        conn.transaction::<_, diesel::result::Error, _>(async |tx| orderflow_outbox::append(tx, &events).await)
+            .await
+            .unwrap();
+    }
+    #[derive(QueryableByName)]
+    struct Plan {
+        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+        line: String,
+    }
+    let lanes: Vec<String> = (0..32).map(|l| l.to_string()).collect();
+    let plan: Vec<String> =
+        diesel::sql_query(format!("EXPLAIN (ANALYZE, COSTS OFF) EXECUTE claim('{{{}}}', 100)", lanes.join(",")))
+            .load::<Plan>(conn)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.line)
+            .collect();
+    let text = plan.join("\n");
+    assert!(!text.contains("Seq Scan") && !text.contains("Sort"), "the claim scans or sorts the outbox:\n{text}");
+    assert!(text.contains("Index Scan using outbox_unpublished_id on outbox o"), "not walked by index:\n{text}");
+    assert!(
+        text.contains("Index Cond: ((aggregate_id = o.aggregate_id) AND (id < o.id))"),
+        "the aggregate's earlier rows are not looked up by index:\n{text}"
+    );
+    assert!(text.contains("rows=50 loops=1"), "one row per order claimed:\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_appends_tells_a_consumer_whether_to_wake_the_relays() {
+    let db = TestDb::new(None).await;
+    let mut conn = db.pool.get().await.unwrap();
+    let conn: &mut Conn = &mut conn;
+    let event = declined(Uuid::now_v7(), 1);
+    let (result, appended) =
+        orderflow_outbox::watch_appends(conn.transaction::<_, diesel::result::Error, _>(async |tx| {
+            orderflow_outbox::append(tx, std::slice::from_ref(&event)).await
+        }))
+        .await;
+    result.unwrap();
+    assert!(appended, "an append was not seen");
+    let (result, appended) = orderflow_outbox::watch_appends(
+        conn.transaction::<_, diesel::result::Error, _>(async |tx| orderflow_outbox::append(tx, &[]).await),
+    )
+    .await;
+    result.unwrap();
+    assert!(!appended, "nothing was appended, yet the relays would be woken");
+}

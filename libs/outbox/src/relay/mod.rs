@@ -60,6 +60,7 @@ use tracing::{debug, info, warn};
 
 pub use crate::lanes::{LANE_LOCK_CLASS, MEMBER_LOCK_CLASS};
 use publisher::{Answer, Confirm, Outcome, Publisher};
+pub use store::{CLAIM_SQL, WORKER_SETTINGS};
 
 use crate::writer::NOTIFY_CHANNEL;
 use crate::{PendingRow, backoff};

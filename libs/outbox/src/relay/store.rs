@@ -8,6 +8,25 @@ use super::RelayConfig;
 use super::publisher::Outcome;
 use crate::PendingRow;
 
+/// The claim (see [`claim`]): `$1` the lanes (`smallint[]`), `$2` the
+/// most rows. Public for the tests that check its plan.
+pub const CLAIM_SQL: &str = "SELECT o.id, o.message_id, o.event_type, o.schema_version, o.aggregate_type, \
+                o.aggregate_id, o.aggregate_version, o.payload, o.headers, o.occurred_at, \
+                o.created_at, o.attempts, \
+                EXISTS ( \
+                    SELECT 1 FROM outbox n \
+                    WHERE n.aggregate_id = o.aggregate_id AND n.id > o.id AND n.published_at IS NULL) AS has_next \
+         FROM outbox o \
+         WHERE o.published_at IS NULL AND o.dead_at IS NULL \
+           AND o.lane = ANY($1) AND o.next_attempt_at <= now() \
+           AND NOT EXISTS ( \
+               SELECT 1 FROM outbox e \
+               WHERE e.aggregate_id = o.aggregate_id AND e.id < o.id AND e.published_at IS NULL \
+               OFFSET 0) \
+         ORDER BY o.id \
+         LIMIT $2 \
+         FOR UPDATE OF o SKIP LOCKED";
+
 /// A claimed row, and whether a later event of its aggregate was already
 /// waiting behind it (it becomes claimable once this one is marked).
 #[derive(QueryableByName)]
@@ -36,36 +55,14 @@ pub(crate) struct Claimed {
 /// the planner, a plan made on an empty or unanalyzed outbox scanned every
 /// unpublished row for every candidate: quadratic in the backlog.)
 pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel::QueryResult<Vec<Claimed>> {
-    diesel::sql_query(
-        "SELECT o.id, o.message_id, o.event_type, o.schema_version, o.aggregate_type, \
-                o.aggregate_id, o.aggregate_version, o.payload, o.headers, o.occurred_at, \
-                o.created_at, o.attempts, \
-                EXISTS ( \
-                    SELECT 1 FROM outbox n \
-                    WHERE n.aggregate_id = o.aggregate_id AND n.id > o.id AND n.published_at IS NULL) AS has_next \
-         FROM outbox o \
-         WHERE o.published_at IS NULL AND o.dead_at IS NULL \
-           AND o.lane = ANY($1) AND o.next_attempt_at <= now() \
-           AND NOT EXISTS ( \
-               SELECT 1 FROM outbox e \
-               WHERE e.aggregate_id = o.aggregate_id AND e.id < o.id AND e.published_at IS NULL \
-               OFFSET 0) \
-         ORDER BY o.id \
-         LIMIT $2 \
-         FOR UPDATE OF o SKIP LOCKED",
-    )
-    .bind::<Array<SmallInt>, _>(lanes)
-    .bind::<BigInt, _>(limit)
-    .cached()
-    .load(conn)
-    .await
+    diesel::sql_query(CLAIM_SQL).bind::<Array<SmallInt>, _>(lanes).bind::<BigInt, _>(limit).cached().load(conn).await
 }
 
-/// Session settings of the connections that claim and mark: with them the
+/// Session settings of the relay's connections that claim and mark: with them the
 /// claim's one plan is the index walk whatever the statistics say, and it
 /// and the marks (`id = ANY($1)`, which PostgreSQL would otherwise plan
 /// afresh for every array) are planned once per connection.
-pub(crate) const WORKER_SETTINGS: &str =
+pub const WORKER_SETTINGS: &str =
     "SET enable_seqscan = off; SET enable_sort = off; SET plan_cache_mode = force_generic_plan";
 
 /// Records the outcomes of a batch in the claim transaction. A row without
