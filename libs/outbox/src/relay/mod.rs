@@ -402,10 +402,6 @@ struct Batch {
     confirms: FuturesUnordered<Confirm>,
     started: Instant,
     claimed: Duration,
-    /// Which claim of this pump took it (see [`Db::claims`]).
-    claim: u64,
-    /// A later event of one of its aggregates was waiting behind it.
-    has_next: bool,
 }
 
 /// What woke the pump.
@@ -433,12 +429,6 @@ struct Db {
     /// Whether each worker has a transaction open.
     in_tx: Vec<bool>,
     lanes: crate::lanes::Lanes,
-    /// Claims run so far. Once a batch is marked, the rows it held back
-    /// (later events of its aggregates) are claimable: a claim is worth
-    /// running only if such a row may exist, i.e. the batch knew of one,
-    /// or another claim ran while it was in flight (and skipped one that
-    /// came meanwhile). Otherwise every batch would cost an empty claim.
-    claims: u64,
     last_lease: Option<Instant>,
     progress: Progress,
     limit: Duration,
@@ -458,7 +448,7 @@ impl Db {
         }
         info!(relay = %cfg.relay_id, "database session open");
         let in_tx = vec![false; workers.len()];
-        Ok(Self { session, workers, in_tx, lanes, claims: 0, last_lease: None, progress: Progress::default(), limit })
+        Ok(Self { session, workers, in_tx, lanes, last_lease: None, progress: Progress::default(), limit })
     }
 
     async fn begin(&mut self, w: usize) -> Result<(), RelayError> {
@@ -585,8 +575,10 @@ impl Db {
                         .filter_map(|(w, b)| b.take().map(|b| (w, b)))
                         .collect();
                     for (w, batch) in complete {
-                        may_have_work |= batch.has_next || self.claims > batch.claim;
-                        self.finish(w, batch, cfg).await?;
+                        // Claim again only for what the batch held back
+                        // (see `store::mark`), not after every batch: that
+                        // was an empty claim per batch at low rates.
+                        may_have_work |= self.finish(w, batch, cfg).await?;
                     }
                 }
                 Wake::Notified(n) => {
@@ -622,11 +614,7 @@ impl Db {
         }
         let started = Instant::now();
         self.begin(w).await?;
-        self.claims += 1;
-        let claim = self.claims;
-        let claimed = bounded(self.limit, store::claim(&mut self.workers[w], &lanes, cfg.batch_size)).await?;
-        let has_next = claimed.iter().any(|c| c.has_next);
-        let rows: Vec<PendingRow> = claimed.into_iter().map(|c| c.pending).collect();
+        let rows = bounded(self.limit, store::claim(&mut self.workers[w], &lanes, cfg.batch_size)).await?;
         if rows.is_empty() {
             self.commit(w).await?;
             return Ok((0, None));
@@ -641,13 +629,13 @@ impl Db {
                 Err(e) => {
                     // Keep the confirms sent so far in `slot`: they say why
                     // it failed, and the transaction is rolled back with it.
-                    *slot = Some(Batch { rows, outcomes, confirms, started, claimed, claim, has_next });
+                    *slot = Some(Batch { rows, outcomes, confirms, started, claimed });
                     return Err(e);
                 }
             }
         }
         let count = rows.len();
-        let batch = Batch { rows, outcomes, confirms, started, claimed, claim, has_next };
+        let batch = Batch { rows, outcomes, confirms, started, claimed };
         if batch.confirms.is_empty() {
             // Nothing was sendable: mark the invalid rows right away.
             self.finish(w, batch, cfg).await?;
@@ -675,11 +663,7 @@ impl Db {
         let limit = i64::try_from(*careful).unwrap_or(cfg.batch_size).min(cfg.batch_size);
         let started = Instant::now();
         self.begin(0).await?;
-        self.claims += 1;
-        let claim = self.claims;
-        let claimed = bounded(self.limit, store::claim(&mut self.workers[0], &lanes, limit)).await?;
-        let has_next = claimed.iter().any(|c| c.has_next);
-        let rows: Vec<PendingRow> = claimed.into_iter().map(|c| c.pending).collect();
+        let rows = bounded(self.limit, store::claim(&mut self.workers[0], &lanes, limit)).await?;
         if rows.is_empty() {
             self.commit(0).await?;
             *careful = 0;
@@ -732,7 +716,7 @@ impl Db {
         let done = outcomes.iter().filter(|o| o.is_some()).count();
         *careful = careful.saturating_sub(done.max(1));
         let count = rows.len();
-        let batch = Batch { rows, outcomes, confirms: FuturesUnordered::new(), started, claimed, claim, has_next };
+        let batch = Batch { rows, outcomes, confirms: FuturesUnordered::new(), started, claimed };
         self.mark(0, batch, cfg).await?;
         match failure {
             Some(e) => Err(e),
@@ -741,7 +725,9 @@ impl Db {
     }
 
     /// Marks a batch whose confirms are all in, and commits it.
-    async fn finish(&mut self, w: usize, mut batch: Batch, cfg: &RelayConfig) -> Result<(), RelayError> {
+    /// Returns whether a later event of a published row's aggregate is
+    /// waiting (see `store::mark`).
+    async fn finish(&mut self, w: usize, mut batch: Batch, cfg: &RelayConfig) -> Result<bool, RelayError> {
         // Every confirm is in, so a row without an outcome had no answer.
         for o in batch.outcomes.iter_mut().filter(|o| o.is_none()) {
             *o = Some(Outcome::Failed("no confirm".into()));
@@ -750,14 +736,15 @@ impl Db {
     }
 
     /// Records the outcomes of `batch` and commits its transaction.
-    async fn mark(&mut self, w: usize, batch: Batch, cfg: &RelayConfig) -> Result<(), RelayError> {
+    async fn mark(&mut self, w: usize, batch: Batch, cfg: &RelayConfig) -> Result<bool, RelayError> {
         #[cfg(feature = "failpoints")]
         if crate::failpoint("relay-exit-after-publish") {
             // Fault tests: die like a SIGKILL between publish and mark.
             std::process::abort();
         }
         let confirmed = batch.started.elapsed();
-        bounded(self.limit, store::mark(&mut self.workers[w], &batch.rows, &batch.outcomes, cfg)).await?;
+        let has_next =
+            bounded(self.limit, store::mark(&mut self.workers[w], &batch.rows, &batch.outcomes, cfg)).await?;
         let marked = batch.started.elapsed();
         self.commit(w).await?;
         let committed = batch.started.elapsed();
@@ -770,7 +757,7 @@ impl Db {
         metrics::histogram!("outbox_confirm_latency_seconds").record((confirmed - batch.claimed).as_secs_f64());
         metrics::histogram!("outbox_mark_seconds").record((committed - confirmed).as_secs_f64());
         record_metrics(&batch.rows, &batch.outcomes);
-        Ok(())
+        Ok(has_next)
     }
 }
 

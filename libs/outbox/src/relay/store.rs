@@ -12,10 +12,7 @@ use crate::PendingRow;
 /// most rows. Public for the tests that check its plan.
 pub const CLAIM_SQL: &str = "SELECT o.id, o.message_id, o.event_type, o.schema_version, o.aggregate_type, \
                 o.aggregate_id, o.aggregate_version, o.payload, o.headers, o.occurred_at, \
-                o.created_at, o.attempts, \
-                EXISTS ( \
-                    SELECT 1 FROM outbox n \
-                    WHERE n.aggregate_id = o.aggregate_id AND n.id > o.id AND n.published_at IS NULL) AS has_next \
+                o.created_at, o.attempts \
          FROM outbox o \
          WHERE o.published_at IS NULL AND o.dead_at IS NULL \
            AND o.lane = ANY($1) AND o.next_attempt_at <= now() \
@@ -26,16 +23,6 @@ pub const CLAIM_SQL: &str = "SELECT o.id, o.message_id, o.event_type, o.schema_v
          ORDER BY o.id \
          LIMIT $2 \
          FOR UPDATE OF o SKIP LOCKED";
-
-/// A claimed row, and whether a later event of its aggregate was already
-/// waiting behind it (it becomes claimable once this one is marked).
-#[derive(QueryableByName)]
-pub(crate) struct Claimed {
-    #[diesel(embed)]
-    pub(crate) pending: PendingRow,
-    #[diesel(sql_type = Bool)]
-    pub(crate) has_next: bool,
-}
 
 /// Claims up to `limit` due rows of `lanes`, in id order, locking them.
 ///
@@ -54,7 +41,7 @@ pub(crate) struct Claimed {
 /// whatever the table's size or statistics when it was planned. (Left to
 /// the planner, a plan made on an empty or unanalyzed outbox scanned every
 /// unpublished row for every candidate: quadratic in the backlog.)
-pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel::QueryResult<Vec<Claimed>> {
+pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel::QueryResult<Vec<PendingRow>> {
     diesel::sql_query(CLAIM_SQL).bind::<Array<SmallInt>, _>(lanes).bind::<BigInt, _>(limit).cached().load(conn).await
 }
 
@@ -65,24 +52,45 @@ pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel:
 pub const WORKER_SETTINGS: &str =
     "SET enable_seqscan = off; SET enable_sort = off; SET plan_cache_mode = force_generic_plan";
 
+/// Whether a published row had a later event of its aggregate waiting.
+#[derive(QueryableByName)]
+struct Marked {
+    #[diesel(sql_type = Bool)]
+    has_next: bool,
+}
+
 /// Records the outcomes of a batch in the claim transaction. A row without
 /// an outcome was not sent (its batch stopped before it): it stays as it was.
+///
+/// Returns whether a published row has a later event of its aggregate
+/// waiting behind it (written before the batch or while it was in flight,
+/// and left by every claim since, since only an aggregate's first
+/// unpublished event is claimable): it can be claimed as soon as this
+/// commits. Otherwise nothing the batch held back is waiting, and the relay
+/// need not claim again until a wake-up or its poll.
 pub(crate) async fn mark(
     conn: &mut Conn,
     rows: &[PendingRow],
     outcomes: &[Option<Outcome>],
     cfg: &RelayConfig,
-) -> diesel::QueryResult<()> {
+) -> diesel::QueryResult<bool> {
+    let mut has_next = false;
     let published: Vec<i64> =
         rows.iter().zip(outcomes).filter(|(_, o)| **o == Some(Outcome::Published)).map(|(r, _)| r.id).collect();
     if !published.is_empty() {
         // Zero retention: nothing to keep, one write instead of two.
         let sql = if cfg.retention.published.is_zero() {
-            "DELETE FROM outbox WHERE id = ANY($1)"
+            "DELETE FROM outbox o WHERE o.id = ANY($1) RETURNING EXISTS ( \
+                 SELECT 1 FROM outbox n \
+                 WHERE n.aggregate_id = o.aggregate_id AND n.id > o.id AND n.published_at IS NULL) AS has_next"
         } else {
-            "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)"
+            "UPDATE outbox o SET published_at = clock_timestamp() WHERE o.id = ANY($1) RETURNING EXISTS ( \
+                 SELECT 1 FROM outbox n \
+                 WHERE n.aggregate_id = o.aggregate_id AND n.id > o.id AND n.published_at IS NULL) AS has_next"
         };
-        diesel::sql_query(sql).bind::<Array<BigInt>, _>(&published).cached().execute(conn).await?;
+        let marked: Vec<Marked> =
+            diesel::sql_query(sql).bind::<Array<BigInt>, _>(&published).cached().load(conn).await?;
+        has_next = marked.iter().any(|m| m.has_next);
     }
     // Failed rows: one statement for all of them, not a round trip each.
     let (mut ids, mut errors, mut delays, mut deads) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -124,7 +132,7 @@ pub(crate) async fn mark(
         .execute(conn)
         .await?;
     }
-    Ok(())
+    Ok(has_next)
 }
 
 /// Backoff of a row after its `attempts`-th failure: base × 2^attempts,
