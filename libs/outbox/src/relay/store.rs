@@ -8,8 +8,10 @@ use super::RelayConfig;
 use super::publisher::Outcome;
 use crate::PendingRow;
 
-/// The claim (see [`claim`]): `$1` the lanes (`smallint[]`), `$2` the
-/// most rows. Public for the tests that check its plan.
+/// The relay's claim of due rows: `$1` the lanes (`smallint[]`), `$2` the
+/// most rows; only each aggregate's first unpublished event, in id order,
+/// locked, skipping rows locked by others. Run with [`WORKER_SETTINGS`] on
+/// the connection. Public for the tests that check its plan.
 pub const CLAIM_SQL: &str = "SELECT o.id, o.message_id, o.event_type, o.schema_version, o.aggregate_type, \
                 o.aggregate_id, o.aggregate_version, o.payload, o.headers, o.occurred_at, \
                 o.created_at, o.attempts \
