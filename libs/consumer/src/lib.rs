@@ -11,7 +11,8 @@
 //! statement — what does not come back is a duplicate (also a second copy
 //! in the same batch): skip; then, in delivery order, run the handler of
 //! each new message, which changes domain rows and appends outbox rows.
-//! Then ONE commit (`synchronous_commit` stays on), one relay wake-up,
+//! Then ONE commit (`synchronous_commit` stays on), one relay wake-up (if
+//! a handler appended outbox rows: `orderflow_outbox::watch_appends`),
 //! [`Handler::committed`], and only then the acks (one per delivery) and
 //! the failed messages' forwards.
 //!
