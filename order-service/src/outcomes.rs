@@ -63,7 +63,10 @@ impl Handler for Outcomes {
                 | Event::PaymentRefunded(_)
         ) {
             // Intermediate steps and compensations only go on the timeline:
-            // one insert, whose foreign key is the check that the order exists.
+            // one insert (in a batch, one for the batch), whose foreign key
+            // is the check that the order exists. Held for the batch, a
+            // violation fails the batch's statement; the batch then goes
+            // again a message at a time, and this one fails here.
             return match store::record(conn, msg.envelope).await {
                 Err(DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _)) => Err(unknown(order_id)),
                 other => Ok(other?),

@@ -214,11 +214,30 @@ pub async fn record(conn: &mut Conn, env: &Envelope) -> QueryResult<()> {
 }
 
 /// Adds events to their orders' timelines (each once per message id), in
-/// one statement.
+/// one statement; in a consumer's batch, with the batch's other entries
+/// just before the commit (see `orderflow_db::held`). An entry for an
+/// order that does not exist fails on the foreign key, then or there.
 pub async fn record_all(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
     if events.is_empty() {
         return Ok(());
     }
+    match orderflow_db::held::hold(events.iter().cloned().map(TimelineEntry).collect()) {
+        Ok(()) => Ok(()),
+        Err(_) => insert_timeline(conn, events).await,
+    }
+}
+
+/// A timeline entry held for the batch's statement.
+struct TimelineEntry(Envelope);
+
+impl orderflow_db::held::HeldRows for TimelineEntry {
+    async fn write(conn: &mut Conn, rows: Vec<Self>) -> QueryResult<()> {
+        let events: Vec<Envelope> = rows.into_iter().map(|TimelineEntry(e)| e).collect();
+        insert_timeline(conn, &events).await
+    }
+}
+
+async fn insert_timeline(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
     let rows: Vec<_> = events
         .iter()
         .map(|env| {
@@ -250,17 +269,21 @@ pub async fn get_row(conn: &mut Conn, id: &str) -> QueryResult<Option<OrderRow>>
     orders::table.find(id).select(OrderRow::as_select()).first(conn).await.optional()
 }
 
-/// Loads an order and its lines.
+/// Loads an order and its lines (one statement: every poll reads it).
 pub async fn get(conn: &mut Conn, id: &str) -> QueryResult<Option<Order>> {
-    let Some(row) = orders::table.find(id).select(OrderRow::as_select()).first(conn).await.optional()? else {
-        return Ok(None);
-    };
-    let items = order_items::table
-        .filter(order_items::order_id.eq(id))
+    let rows: Vec<(OrderRow, Option<ItemRow>)> = orders::table
+        .left_join(order_items::table)
+        .filter(orders::id.eq(id))
         .order(order_items::line_no)
-        .select(ItemRow::as_select())
+        .select((OrderRow::as_select(), Option::<ItemRow>::as_select()))
+        .cached()
         .load(conn)
         .await?;
+    let mut rows = rows.into_iter();
+    let Some((row, first)) = rows.next() else {
+        return Ok(None);
+    };
+    let items = first.into_iter().chain(rows.filter_map(|(_, item)| item)).collect();
     Ok(Some(Order { row, items }))
 }
 

@@ -1,6 +1,8 @@
 //! The inventory stage: reserves stock for new orders, releases it when the
 //! payment is declined or the order is cancelled.
 
+use std::collections::HashMap;
+
 use orderflow_consumer::{Handler, HandlerError, Incoming};
 use orderflow_contracts::Money;
 use orderflow_contracts::events::{Event, InventoryRejected, InventoryReleased, InventoryReserved, OrderCreated};
@@ -65,14 +67,65 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
     if e.items.is_empty() || e.items.iter().any(|i| i.quantity <= 0) {
         return Err(HandlerError::Permanent(format!("order {} has no items or a non-positive quantity", e.order_id)));
     }
-    let (existing, created) = store::claim_reservation(conn, &e.order_id, ReservationStatus::Pending).await?;
-    if !created {
-        // Decided before, or cancelled before it arrived (a tombstone).
-        tracing::info!(order_id = %e.order_id, status = %existing.status, "order already seen by inventory");
-        return Ok(());
-    }
+    // Products first (`prepare` took them for the batch), then the
+    // reservation: the lock order of every stage. The reservation goes in
+    // decided, with one statement; if the order has one already (decided
+    // before, or a cancellation's tombstone), that one stands.
     let skus: Vec<&str> = e.items.iter().map(|i| i.sku.as_str()).collect();
     let products = store::lock_products(conn, &skus).await?;
+    match decide(e, &products) {
+        Err(Decision::Broken(error)) => Err(error),
+        Err(Decision::Rejected { reason, outcome }) => {
+            let rejected = store::insert_reservation(
+                conn,
+                &e.order_id,
+                ReservationStatus::Rejected,
+                Some(&e.items),
+                Some(&reason),
+            )
+            .await?;
+            if rejected.is_none() {
+                return seen_before(conn, &e.order_id).await;
+            }
+            emit(conn, &InventoryRejected { order_id: e.order_id.clone(), reason }, 1, meta).await?;
+            metrics::counter!("inventory_reservations_total", "outcome" => outcome).increment(1);
+            Ok(())
+        }
+        Ok(total_amount) => {
+            let reserved =
+                store::insert_reservation(conn, &e.order_id, ReservationStatus::Reserved, Some(&e.items), None).await?;
+            if reserved.is_none() {
+                return seen_before(conn, &e.order_id).await;
+            }
+            if let Some(sku) = store::move_stock(conn, &e.items, Move::Reserve).await? {
+                // The rows are locked and were checked: a miss means a bug, not a race.
+                return Err(HandlerError::Permanent(format!("stock of {sku} changed under a lock while reserving")));
+            }
+            let reserved = InventoryReserved {
+                order_id: e.order_id.clone(),
+                customer_id: e.customer_id.clone(),
+                items: e.items.clone(),
+                total_amount,
+                force_fail: e.force_fail,
+            };
+            emit(conn, &reserved, 1, meta).await?;
+            metrics::counter!("inventory_reservations_total", "outcome" => "reserved").increment(1);
+            Ok(())
+        }
+    }
+}
+
+/// Why an order cannot be reserved.
+enum Decision {
+    /// Refused for a reason the customer sees (`outcome` labels the metric).
+    Rejected { reason: String, outcome: &'static str },
+    /// The message itself cannot be handled.
+    Broken(HandlerError),
+}
+
+/// Checks the order against the locked `products`: the total the catalog
+/// prices it at, or why it cannot be reserved.
+fn decide(e: &OrderCreated, products: &HashMap<String, store::Product>) -> Result<Money, Decision> {
     // The catalog prices the order: the price on each line is what the
     // customer saw, and it must still be the product's price. A line priced
     // otherwise (tampered with, or the price changed since) fails the order
@@ -92,10 +145,7 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
     });
     if let Some(reason) = refusal {
         let outcome = if reason.starts_with("price mismatch") { "price_mismatch" } else { "rejected" };
-        store::set_reservation(conn, &e.order_id, ReservationStatus::Rejected, Some(&e.items), Some(&reason)).await?;
-        emit(conn, &InventoryRejected { order_id: e.order_id.clone(), reason }, 1, meta).await?;
-        metrics::counter!("inventory_reservations_total", "outcome" => outcome).increment(1);
-        return Ok(());
+        return Err(Decision::Rejected { reason, outcome });
     }
     // What payment charges: the catalog's prices, never the caller's total.
     let verified: Option<Money> = e.items.iter().try_fold(Money::ZERO, |sum, i| {
@@ -103,30 +153,21 @@ async fn reserve(conn: &mut Conn, e: &OrderCreated, meta: &Metadata) -> Result<(
         sum.checked_add(price.checked_mul(i64::from(i.quantity))?)
     });
     let Some(total_amount) = verified else {
-        return Err(HandlerError::Permanent(format!("order {}: total out of range", e.order_id)));
+        return Err(Decision::Broken(HandlerError::Permanent(format!("order {}: total out of range", e.order_id))));
     };
     if total_amount != e.total_amount {
         // Every line matched the catalog, so only the stated total is off.
         let reason = format!("total mismatch: order says {}, its lines sum to {}", e.total_amount, total_amount);
-        store::set_reservation(conn, &e.order_id, ReservationStatus::Rejected, Some(&e.items), Some(&reason)).await?;
-        emit(conn, &InventoryRejected { order_id: e.order_id.clone(), reason }, 1, meta).await?;
-        metrics::counter!("inventory_reservations_total", "outcome" => "rejected").increment(1);
-        return Ok(());
+        return Err(Decision::Rejected { reason, outcome: "rejected" });
     }
-    if let Some(sku) = store::move_stock(conn, &e.items, Move::Reserve).await? {
-        // The rows are locked and were checked: a miss means a bug, not a race.
-        return Err(HandlerError::Permanent(format!("stock of {sku} changed under a lock while reserving")));
-    }
-    store::set_reservation(conn, &e.order_id, ReservationStatus::Reserved, Some(&e.items), None).await?;
-    let reserved = InventoryReserved {
-        order_id: e.order_id.clone(),
-        customer_id: e.customer_id.clone(),
-        items: e.items.clone(),
-        total_amount,
-        force_fail: e.force_fail,
-    };
-    emit(conn, &reserved, 1, meta).await?;
-    metrics::counter!("inventory_reservations_total", "outcome" => "reserved").increment(1);
+    Ok(total_amount)
+}
+
+/// The order has a reservation row already: decided before, or cancelled
+/// before it arrived (a tombstone). Nothing to do.
+async fn seen_before(conn: &mut Conn, order_id: &str) -> Result<(), HandlerError> {
+    let status = store::lock_reservation(conn, order_id).await?.map(|r| r.status);
+    tracing::info!(%order_id, ?status, "order already seen by inventory");
     Ok(())
 }
 

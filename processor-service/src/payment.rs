@@ -87,16 +87,23 @@ impl Payments {
         if e.total_amount < Money::ZERO {
             return Err(HandlerError::Permanent(format!("negative amount {}", e.total_amount)));
         }
-        let (payment, created) =
-            store::claim_payment(conn, &e.order_id, PaymentStatus::Pending, e.total_amount.minor()).await?;
-        if !created {
+        // Decided before the row goes in, and the row goes in decided: one
+        // statement, and the first row for the order wins (a charge, or a
+        // cancellation's tombstone), so it is never charged twice.
+        let decision = self.rules.decide(e);
+        let (status, reason) = match &decision {
+            Ok(()) => (PaymentStatus::Authorized, None),
+            Err(reason) => (PaymentStatus::Declined, Some(reason.as_str())),
+        };
+        let Some(payment) = store::insert_payment(conn, &e.order_id, status, e.total_amount.minor(), reason).await?
+        else {
             // Charged (or declined) before, or cancelled first: never twice.
-            tracing::info!(order_id = %e.order_id, status = %payment.status, "payment already decided");
+            let status = store::find_payment(conn, &e.order_id).await?.map(|p| p.status);
+            tracing::info!(order_id = %e.order_id, ?status, "payment already decided");
             return Ok(());
-        }
-        match self.rules.decide(e) {
+        };
+        match decision {
             Ok(()) => {
-                store::set_payment(conn, &e.order_id, PaymentStatus::Authorized, None).await?;
                 let event = PaymentAuthorized {
                     order_id: e.order_id.clone(),
                     payment_id: payment.payment_id,
@@ -107,7 +114,6 @@ impl Payments {
                 metrics::counter!("payments_total", "outcome" => "authorized").increment(1);
             }
             Err(reason) => {
-                store::set_payment(conn, &e.order_id, PaymentStatus::Declined, Some(&reason)).await?;
                 emit(conn, &PaymentDeclined { order_id: e.order_id.clone(), reason }, 1, meta).await?;
                 metrics::counter!("payments_total", "outcome" => "declined").increment(1);
             }

@@ -64,3 +64,5 @@ diesel::table! {
         traceparent -> Nullable<Text>,
     }
 }
+
+diesel::allow_tables_to_appear_in_same_query!(reservations, payments);

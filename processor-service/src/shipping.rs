@@ -52,15 +52,23 @@ async fn ship(conn: &mut Conn, e: &PaymentAuthorized, meta: &Metadata) -> Result
     // Lock order (products, taken for the batch by `prepare` without
     // waiting, then reservation, payment, shipment) is the same in every
     // stage, so a cancel racing this handler waits, never deadlocks.
-    let Some(reservation) = store::lock_reservation(conn, &e.order_id).await? else {
-        return Err(HandlerError::Permanent(format!("order {} was paid but never reserved", e.order_id)));
+    // Both rows with one statement as a rule; one at a time only to say
+    // which is missing.
+    let (reservation, payment) = match store::lock_reservation_and_payment(conn, &e.order_id).await? {
+        Some((r, p)) => (r, Some(p)),
+        None => {
+            let Some(reservation) = store::lock_reservation(conn, &e.order_id).await? else {
+                return Err(HandlerError::Permanent(format!("order {} was paid but never reserved", e.order_id)));
+            };
+            (reservation, store::lock_payment(conn, &e.order_id).await?)
+        }
     };
     if reservation.status != ReservationStatus::Reserved {
         // Cancelled (released) meanwhile, or already shipped.
         tracing::info!(order_id = %e.order_id, status = %reservation.status, "not shipping");
         return Ok(());
     }
-    match store::lock_payment(conn, &e.order_id).await? {
+    match payment {
         Some(p) if p.status == PaymentStatus::Authorized => {}
         other => {
             tracing::info!(order_id = %e.order_id, payment = ?other.map(|p| p.status), "payment no longer authorized, not shipping");

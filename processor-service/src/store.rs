@@ -333,15 +333,38 @@ pub async fn claim_reservation(
     order_id: &str,
     status: ReservationStatus,
 ) -> QueryResult<(Reservation, bool)> {
-    let created = diesel::insert_into(reservations::table)
-        .values((reservations::order_id.eq(order_id), reservations::status.eq(status.as_str())))
-        .on_conflict_do_nothing()
-        .cached()
-        .execute(conn)
-        .await?
-        == 1;
+    if let Some(row) = insert_reservation(conn, order_id, status, None, None).await? {
+        return Ok((row, true));
+    }
     let row = reservations::table.find(order_id).for_update().select(Reservation::as_select()).first(conn).await?;
-    Ok((row, created))
+    Ok((row, false))
+}
+
+/// Inserts the order's reservation as decided (`items` and `reason` when
+/// given), unless it has one; returns it if inserted (and so locked by this
+/// transaction). The row that was there first wins: a tombstone of a
+/// cancellation, or an earlier decision.
+pub async fn insert_reservation(
+    conn: &mut Conn,
+    order_id: &str,
+    status: ReservationStatus,
+    items: Option<&[LineItem]>,
+    reason: Option<&str>,
+) -> QueryResult<Option<Reservation>> {
+    let items = items.map(|i| serde_json::to_value(i).unwrap_or_default()).unwrap_or_else(|| serde_json::json!([]));
+    diesel::insert_into(reservations::table)
+        .values((
+            reservations::order_id.eq(order_id),
+            reservations::status.eq(status.as_str()),
+            reservations::items.eq(items),
+            reservations::reason.eq(reason),
+        ))
+        .on_conflict_do_nothing()
+        .returning(Reservation::as_returning())
+        .cached()
+        .get_result(conn)
+        .await
+        .optional()
 }
 
 /// Locks the order's reservation row, if any.
@@ -392,20 +415,58 @@ pub async fn claim_payment(
     status: PaymentStatus,
     amount: i64,
 ) -> QueryResult<(Payment, bool)> {
-    let created = diesel::insert_into(payments::table)
+    if let Some(row) = insert_payment(conn, order_id, status, amount, None).await? {
+        return Ok((row, true));
+    }
+    let row = payments::table.find(order_id).for_update().select(Payment::as_select()).first(conn).await?;
+    Ok((row, false))
+}
+
+/// Inserts the order's payment as decided (with `reason` when given),
+/// unless it has one; returns it if inserted. As [`insert_reservation`]:
+/// the row that was there first wins.
+pub async fn insert_payment(
+    conn: &mut Conn,
+    order_id: &str,
+    status: PaymentStatus,
+    amount: i64,
+    reason: Option<&str>,
+) -> QueryResult<Option<Payment>> {
+    diesel::insert_into(payments::table)
         .values((
             payments::order_id.eq(order_id),
             payments::payment_id.eq(Uuid::now_v7()),
             payments::amount.eq(amount),
             payments::status.eq(status.as_str()),
+            payments::reason.eq(reason),
         ))
         .on_conflict_do_nothing()
+        .returning(Payment::as_returning())
         .cached()
-        .execute(conn)
-        .await?
-        == 1;
-    let row = payments::table.find(order_id).for_update().select(Payment::as_select()).first(conn).await?;
-    Ok((row, created))
+        .get_result(conn)
+        .await
+        .optional()
+}
+
+/// The order's payment, unlocked (for a log line), if any.
+pub async fn find_payment(conn: &mut Conn, order_id: &str) -> QueryResult<Option<Payment>> {
+    payments::table.find(order_id).select(Payment::as_select()).first(conn).await.optional()
+}
+
+/// Locks the order's reservation and payment rows in one statement, if it
+/// has both (in that order, as [`lock_reservation`] then [`lock_payment`]).
+pub async fn lock_reservation_and_payment(
+    conn: &mut Conn,
+    order_id: &str,
+) -> QueryResult<Option<(Reservation, Payment)>> {
+    reservations::table
+        .inner_join(payments::table.on(payments::order_id.eq(reservations::order_id)))
+        .filter(reservations::order_id.eq(order_id))
+        .for_update()
+        .select((Reservation::as_select(), Payment::as_select()))
+        .first(conn)
+        .await
+        .optional()
 }
 
 /// Locks the order's payment row, if any.

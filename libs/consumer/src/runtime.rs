@@ -473,8 +473,14 @@ async fn process_batch<H: Handler>(
             None if one_at_a_time => vec![pending[0]],
             None => pending.clone(),
         };
-        let (outcome, appended) =
-            orderflow_outbox::watch_appends(transact(ctx, &items, &chunk, starved.is_none(), careful)).await;
+        let (outcome, appended) = orderflow_outbox::watch_appends(orderflow_db::held::scope(transact(
+            ctx,
+            &items,
+            &chunk,
+            starved.is_none(),
+            careful,
+        )))
+        .await;
         let outcome = match outcome {
             // Its handler ran once, as it would have in a savepoint; the
             // others in the chunk were rolled back with it and go again.
@@ -746,11 +752,14 @@ async fn run_chunk<H: Handler>(
     // handler: each statement and lock wait (the handler's timeout), a
     // client that went quiet mid-transaction, and a client that went away
     // while a statement runs (checked every second).
-    // (In the BEGIN's round trip.)
+    // In the BEGIN's round trip, and as one statement (`set_config(..,
+    // true)` is `SET LOCAL`): four `SET LOCAL`s were four statements for
+    // the server to parse and run per transaction.
     let begin = format!(
-        "BEGIN; SET LOCAL statement_timeout = {limit}; SET LOCAL lock_timeout = {limit}; \
-         SET LOCAL idle_in_transaction_session_timeout = {idle}; \
-         SET LOCAL client_connection_check_interval = 1000",
+        "BEGIN; SELECT set_config('statement_timeout', '{limit}', true), \
+         set_config('lock_timeout', '{limit}', true), \
+         set_config('idle_in_transaction_session_timeout', '{idle}', true), \
+         set_config('client_connection_check_interval', '1000', true)",
         idle = guard.as_millis().max(1) * 2,
     );
     let finished = AtomicBool::new(false);
@@ -864,6 +873,11 @@ async fn handle_at_once<H: Handler>(
             (inbox::consumer.eq(consumer), inbox::message_id.eq(env.message_id), inbox::event_type.eq(&env.event_type))
         })
         .collect();
+    // What the handlers hold (their events, their own rows) goes in with a
+    // statement per kind before the commit (a statement per row otherwise).
+    // A failure there is no one message's: the batch goes again with
+    // savepoints, where nothing is held.
+    orderflow_db::held::start();
     // What comes back was not recorded before: new. (Two copies of one
     // message in the batch come back once; the first is handled.)
     let mut fresh: HashSet<Uuid> = if rows.is_empty() {
@@ -904,6 +918,7 @@ async fn handle_at_once<H: Handler>(
             }
         }
     }
+    orderflow_db::held::flush(tx).await.map_err(fallback)?;
     Ok(results)
 }
 

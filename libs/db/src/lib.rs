@@ -24,6 +24,7 @@
 
 mod cached;
 pub mod error;
+pub mod held;
 mod migrate;
 pub mod schema;
 

@@ -1,3 +1,5 @@
+use std::cell::Cell;
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -30,7 +32,7 @@ struct NewRow<'a> {
 
 tokio::task_local! {
     /// Set by [`append_with`] while [`watch_appends`] runs.
-    static APPENDED: std::cell::Cell<bool>;
+    static APPENDED: Cell<bool>;
 }
 
 /// Runs `work` and tells whether it appended outbox rows (in this task), so
@@ -41,11 +43,22 @@ tokio::task_local! {
 /// poll, as after a lost wake-up.
 pub async fn watch_appends<F: Future>(work: F) -> (F::Output, bool) {
     APPENDED
-        .scope(std::cell::Cell::new(false), async {
+        .scope(Cell::new(false), async {
             let out = work.await;
-            (out, APPENDED.with(std::cell::Cell::get))
+            (out, APPENDED.with(Cell::get))
         })
         .await
+}
+
+/// An event held (see [`orderflow_db::held`]) to be appended with the
+/// batch's other events.
+struct Held(Envelope);
+
+impl orderflow_db::held::HeldRows for Held {
+    async fn write(conn: &mut Conn, rows: Vec<Self>) -> QueryResult<()> {
+        let events: Vec<Envelope> = rows.into_iter().map(|Held(e)| e).collect();
+        insert(conn, &events).await
+    }
 }
 
 /// Appends `events` to the outbox inside the caller's open transaction.
@@ -75,6 +88,23 @@ pub async fn append_with(conn: &mut Conn, events: &[Envelope], limits: &Limits) 
             diesel::result::Error::SerializationError(Box::new(refused))
         })?;
     }
+    // In a consumer's batch the rows go in with the batch's other events,
+    // one statement just before the commit (in the order appended: the
+    // relay publishes an aggregate's events in that order).
+    match orderflow_db::held::hold(events.iter().cloned().map(Held).collect()) {
+        Ok(()) => {
+            let _ = APPENDED.try_with(|a| a.set(true));
+            Ok(())
+        }
+        Err(_) => insert(conn, events).await,
+    }
+}
+
+/// One `INSERT` of `events` (checked already).
+async fn insert(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
     let rows = events
         .iter()
         .map(|e| NewRow {
@@ -92,7 +122,7 @@ pub async fn append_with(conn: &mut Conn, events: &[Envelope], limits: &Limits) 
         .collect::<Vec<_>>();
     diesel::insert_into(outbox::table).values(&rows).cached().execute(conn).await?;
     // Outside `watch_appends` there is no one to tell.
-    let _ = APPENDED.try_with(|appended| appended.set(true));
+    let _ = APPENDED.try_with(|a| a.set(true));
     for e in events {
         metrics::counter!("outbox_appended_total", "event_type" => e.event_type.clone()).increment(1);
     }
