@@ -357,6 +357,9 @@ async fn session<H: Handler>(
                 }
             }
         }
+        for delivery in &batch {
+            forwarder.acks.received(delivery).await;
+        }
         let (ctx, forwarder, shutdown) = (ctx.clone(), forwarder.clone(), shutdown.clone());
         tasks.spawn(async move {
             process_batch(&ctx, &forwarder, batch, &shutdown).await;
@@ -952,10 +955,61 @@ fn count(consumer: &str, outcome: &'static str) {
     metrics::counter!("consumer_messages_total", "consumer" => consumer.to_owned(), "outcome" => outcome).increment(1);
 }
 
-async fn ack(delivery: &Delivery) {
+/// The session channel's deliveries that are not settled yet, so that acks
+/// are merged: one `basic.ack` with `multiple` for the settled deliveries
+/// that lead the unsettled ones (a batch, as a rule, when batches finish in
+/// the order they came), one each for the rest, which never wait for an
+/// older batch. A `multiple` ack settles every unsettled delivery up to its
+/// tag on the broker, so it is sent only when every delivery up to that tag
+/// is acked or nacked already, and frames go out in the order they were
+/// decided (under the lock).
+#[derive(Default)]
+struct Acks {
+    unsettled: tokio::sync::Mutex<std::collections::BTreeSet<u64>>,
+}
+
+impl Acks {
+    /// A delivery came in (before its batch can settle it).
+    async fn received(&self, delivery: &Delivery) {
+        self.unsettled.lock().await.insert(delivery.delivery_tag);
+    }
+
+    /// Acks `deliveries`.
+    async fn ack(&self, deliveries: &[&Delivery]) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let mut guard = self.unsettled.lock().await;
+        let unsettled = &mut *guard;
+        let mut settled: std::collections::BTreeMap<u64, &Delivery> =
+            deliveries.iter().map(|d| (d.delivery_tag, *d)).collect();
+        let mut lead = None;
+        while let Some(&oldest) = std::collections::BTreeSet::first(unsettled) {
+            let Some(delivery) = settled.remove(&oldest) else { break };
+            unsettled.pop_first();
+            lead = Some(delivery);
+        }
+        if let Some(delivery) = lead {
+            ack(delivery, true).await;
+        }
+        for (tag, delivery) in settled {
+            unsettled.remove(&tag);
+            ack(delivery, false).await;
+        }
+    }
+
+    /// Nacks `delivery` back into its queue.
+    async fn requeue(&self, delivery: &Delivery) {
+        let mut unsettled = self.unsettled.lock().await;
+        let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        unsettled.remove(&delivery.delivery_tag);
+    }
+}
+
+async fn ack(delivery: &Delivery, multiple: bool) {
     // An ack on a channel that died is lost; the broker redelivers the
     // message and the inbox recognizes it.
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+    if let Err(e) = delivery.ack(BasicAckOptions { multiple }).await {
         warn!(error = %e, "ack failed; the message will be redelivered and deduplicated");
     }
 }
@@ -1007,8 +1061,8 @@ async fn settle<H: Handler>(
             }
         }
     }
-    for (i, outcome) in done {
-        ack(&items[i].delivery).await;
+    out.acks.ack(&done.iter().map(|(i, _)| &items[*i].delivery).collect::<Vec<_>>()).await;
+    for (_, outcome) in done {
         count(consumer, outcome);
         metrics::histogram!("consumer_handle_seconds", "consumer" => consumer.to_owned())
             .record(started.elapsed().as_secs_f64());
@@ -1022,14 +1076,16 @@ async fn settle<H: Handler>(
         .collect();
     let taken = out.publish_all(sends).await;
     let mut refused = Vec::new();
+    let mut forwarded = Vec::new();
     for ((i, target, _, outcome), ok) in forwards.iter().zip(taken) {
         if ok {
-            ack(&items[*i].delivery).await;
+            forwarded.push(&items[*i].delivery);
             count(consumer, outcome);
         } else {
             refused.push((*i, target));
         }
     }
+    out.acks.ack(&forwarded).await;
     if refused.is_empty() {
         return;
     }
@@ -1037,7 +1093,7 @@ async fn settle<H: Handler>(
         "the broker did not take forwarded messages (unroutable or unconfirmed); requeueing them");
     tokio::time::sleep(backoff::jitter(REQUEUE_PAUSE)).await;
     for (i, _) in refused {
-        let _ = items[i].delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        out.acks.requeue(&items[i].delivery).await;
     }
 }
 
@@ -1082,13 +1138,16 @@ fn truncate(s: &str, max: usize) -> String {
 struct Forwarder {
     channel: Channel,
     turn: tokio::sync::Mutex<()>,
+    /// The consuming channel's unsettled deliveries (settled here, after
+    /// their forwards are confirmed, or after their batch's commit).
+    acks: Acks,
 }
 
 impl Forwarder {
     async fn open(connection: &Connection) -> Result<Self, orderflow_broker::lapin::Error> {
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Self { channel, turn: tokio::sync::Mutex::new(()) })
+        Ok(Self { channel, turn: tokio::sync::Mutex::new(()), acks: Acks::default() })
     }
 
     /// Publishes each `(body, queue, properties)` through the default

@@ -18,6 +18,7 @@ use orderflow_broker::lapin::options::{BasicAckOptions, BasicGetOptions, QueueDe
 use orderflow_broker::lapin::types::FieldTable;
 use orderflow_consumer::{ConsumerConfig, Handler, HandlerError, Incoming, headers, run};
 use orderflow_db::Conn;
+use orderflow_envelope::Envelope;
 use orderflow_testkit::events::Noted;
 use orderflow_testkit::{FaultProxy, TestBroker, TestDb, count, eventually, eventually_some};
 use tokio::sync::{Notify, Semaphore};
@@ -59,6 +60,12 @@ impl Handler for Recorder {
             .await?;
         if ev.note == "permanent" {
             return Err(HandlerError::Permanent("poisoned".into()));
+        }
+        if let Some(ms) = ev.note.strip_prefix("sleep:") {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        }
+        if ev.note.starts_with("flaky") && self.calls(msg.envelope.message_id) == 1 {
+            return Err(HandlerError::Transient("flaky the first time".into()));
         }
         if ev.note == "gate" {
             self.entered.notify_one();
@@ -273,6 +280,72 @@ async fn a_batch_committed_but_never_acked_is_redelivered_and_deduplicated() {
     assert_eq!(count(&s.db.pool, "SELECT count(*) AS n FROM effects").await, 5);
     shutdown.cancel();
     task.await.unwrap();
+}
+
+/// Acks are merged (one `multiple` ack for the settled deliveries that lead
+/// the unsettled ones). Batches of one channel that finish out of order,
+/// with messages forwarded to a retry tier in between, must still settle
+/// every delivery once: none acked before it is handled (it would be lost),
+/// none left unacked (it would come back when the consumer stops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_finishing_out_of_order_settle_every_delivery_once() {
+    let s = setup(&[50]).await;
+    let sent: Vec<Envelope> = (0..48u64)
+        .map(|k| if k % 8 == 5 { declined("flaky") } else { declined(&format!("sleep:{}", (k * 37) % 40)) })
+        .collect();
+    for env in &sent {
+        s.broker.publish(&s.channel, env).await;
+    }
+    let handler = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let mut cfg = s.config(&s.broker.amqp_url);
+    cfg.concurrency = 4;
+    cfg.batch_size = 3;
+    cfg.batch_linger = Duration::ZERO;
+    // An ack the broker refuses (a tag acked twice) closes the channel: the
+    // consumer would reconnect, and the redeliveries hide it otherwise.
+    let connected = cfg.connected.clone();
+    let dropped = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (connected, dropped) = (connected.clone(), dropped.clone());
+        tokio::spawn(async move {
+            let mut was = false;
+            loop {
+                let now = AtomicBool::load(&connected, Ordering::Relaxed);
+                if was && !now {
+                    dropped.store(true, Ordering::Relaxed);
+                }
+                was = now;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let task = tokio::spawn(run(cfg, s.db.pool.clone(), handler.clone(), shutdown.clone()));
+    eventually("every message handled", DEADLINE, || async {
+        count(&s.db.pool, "SELECT count(*) AS n FROM inbox").await == 48
+    })
+    .await;
+    eventually("every delivery settled", DEADLINE, || async { s.ready_in_queue().await == 0 }).await;
+    watcher.abort();
+    assert!(
+        !AtomicBool::load(&dropped, Ordering::Relaxed),
+        "the channel closed under the consumer (an ack it refused)"
+    );
+    // Stopping closes the channel: anything left unacked goes back to the queue.
+    shutdown.cancel();
+    task.await.unwrap();
+    let (_c, probe) = s.broker.channel().await;
+    let queue = s.broker.topology.queue(&s.spec.consumer);
+    let left = probe.basic_get(queue.as_str().into(), BasicGetOptions::default()).await.unwrap();
+    assert!(left.is_none(), "a delivery was never acked");
+    assert_eq!(s.ready_in_queue().await, 0);
+    // A flaky message rolls its batch back (no savepoints at first): the
+    // others in it run again, but only one run of each is committed.
+    for (k, env) in sent.iter().enumerate() {
+        let calls = handler.calls(env.message_id);
+        assert!((1..=3).contains(&calls), "message {k}: {calls} runs");
+    }
+    assert_eq!(count(&s.db.pool, "SELECT count(*) AS n FROM effects").await, 48, "each applied once");
 }
 
 /// Versions of each aggregate arrive in order but are handled by

@@ -105,7 +105,8 @@ impl Setup {
     /// One consumer gathering up to 16 deliveries for up to 300 ms: what
     /// was published before it starts forms one batch.
     fn config(&self) -> ConsumerConfig {
-        let mut cfg = ConsumerConfig::new(self.broker.amqp_url.clone(), self.broker.topology.clone(), self.spec.clone());
+        let mut cfg =
+            ConsumerConfig::new(self.broker.amqp_url.clone(), self.broker.topology.clone(), self.spec.clone());
         cfg.concurrency = 1;
         cfg.batch_size = 16;
         cfg.batch_linger = Duration::from_millis(300);

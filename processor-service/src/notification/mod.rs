@@ -16,6 +16,7 @@ use diesel_async::RunQueryDsl;
 use orderflow_consumer::{Handler, HandlerError, Incoming};
 use orderflow_contracts::events::Event;
 use orderflow_db::Conn;
+use orderflow_db::held::HeldRows;
 use serde::Serialize;
 use tokio::sync::Notify;
 use utoipa::ToSchema;
@@ -124,23 +125,59 @@ impl Handler for Notifications {
         let Some((order_id, customer_id, kind, text)) = compose(msg.event) else {
             return Err(HandlerError::Permanent(format!("notification does not consume {}", msg.event.event_type())));
         };
+        let row = Recorded {
+            order_id: order_id.to_owned(),
+            customer_id: customer_id.to_owned(),
+            kind,
+            text,
+            traceparent: msg.meta().traceparent,
+        };
+        // In a batch, with the batch's other notifications: one statement.
+        if let Err(rows) = orderflow_db::held::hold(vec![row]) {
+            Recorded::write(conn, rows).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A notification to record.
+struct Recorded {
+    order_id: String,
+    customer_id: String,
+    kind: &'static str,
+    text: String,
+    traceparent: Option<String>,
+}
+
+impl HeldRows for Recorded {
+    async fn write(conn: &mut Conn, rows: Vec<Self>) -> QueryResult<()> {
+        let values: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    notifications::id.eq(Uuid::now_v7()),
+                    notifications::order_id.eq(&r.order_id),
+                    notifications::customer_id.eq(&r.customer_id),
+                    notifications::kind.eq(r.kind),
+                    notifications::text.eq(&r.text),
+                    notifications::traceparent.eq(r.traceparent.as_deref()),
+                )
+            })
+            .collect();
         // The inbox drops a redelivered message; the unique (order, kind)
         // also drops the same outcome sent again under a new message id.
-        let inserted = diesel::insert_into(notifications::table)
-            .values((
-                notifications::id.eq(Uuid::now_v7()),
-                notifications::order_id.eq(order_id),
-                notifications::customer_id.eq(customer_id),
-                notifications::kind.eq(kind),
-                notifications::text.eq(&text),
-                notifications::traceparent.eq(msg.meta().traceparent),
-            ))
+        let kinds: Vec<&'static str> = diesel::insert_into(notifications::table)
+            .values(&values)
             .on_conflict((notifications::order_id, notifications::kind))
             .do_nothing()
+            .returning(notifications::kind)
             .cached()
-            .execute(conn)
-            .await?;
-        if inserted == 1 {
+            .get_results::<String>(conn)
+            .await?
+            .into_iter()
+            .filter_map(|k| rows.iter().find(|r| r.kind == k).map(|r| r.kind))
+            .collect();
+        for kind in kinds {
             metrics::counter!("notifications_recorded_total", "kind" => kind).increment(1);
         }
         Ok(())
