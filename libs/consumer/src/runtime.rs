@@ -358,7 +358,7 @@ async fn session<H: Handler>(
             }
         }
         for delivery in &batch {
-            forwarder.acks.received(delivery).await;
+            forwarder.acks.received(delivery);
         }
         let (ctx, forwarder, shutdown) = (ctx.clone(), forwarder.clone(), shutdown.clone());
         tasks.spawn(async move {
@@ -965,13 +965,20 @@ fn count(consumer: &str, outcome: &'static str) {
 /// decided (under the lock).
 #[derive(Default)]
 struct Acks {
-    unsettled: tokio::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Tags received and not settled yet. A plain mutex, held only to
+    /// decide: taking deliveries in never waits for acks on the wire.
+    unsettled: Mutex<std::collections::BTreeSet<u64>>,
+    /// Held while a decision's frames go out, so that frames leave in the
+    /// order they were decided.
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl Acks {
     /// A delivery came in (before its batch can settle it).
-    async fn received(&self, delivery: &Delivery) {
-        self.unsettled.lock().await.insert(delivery.delivery_tag);
+    fn received(&self, delivery: &Delivery) {
+        if let Ok(mut unsettled) = self.unsettled.lock() {
+            unsettled.insert(delivery.delivery_tag);
+        }
     }
 
     /// Acks `deliveries`.
@@ -979,30 +986,39 @@ impl Acks {
         if deliveries.is_empty() {
             return;
         }
-        let mut guard = self.unsettled.lock().await;
-        let unsettled = &mut *guard;
+        let _turn = self.turn.lock().await;
         let mut settled: std::collections::BTreeMap<u64, &Delivery> =
             deliveries.iter().map(|d| (d.delivery_tag, *d)).collect();
         let mut lead = None;
-        while let Some(&oldest) = std::collections::BTreeSet::first(unsettled) {
-            let Some(delivery) = settled.remove(&oldest) else { break };
-            unsettled.pop_first();
-            lead = Some(delivery);
+        if let Ok(mut guard) = self.unsettled.lock() {
+            let unsettled = &mut *guard;
+            while let Some(&oldest) = std::collections::BTreeSet::first(unsettled) {
+                let Some(delivery) = settled.remove(&oldest) else { break };
+                unsettled.pop_first();
+                lead = Some(delivery);
+            }
+            for tag in settled.keys() {
+                unsettled.remove(tag);
+            }
+        } else {
+            // Poisoned (a panic elsewhere): no merging, one ack each.
+            settled.extend(lead.take().map(|d| (d.delivery_tag, d)));
         }
         if let Some(delivery) = lead {
             ack(delivery, true).await;
         }
-        for (tag, delivery) in settled {
-            unsettled.remove(&tag);
+        for delivery in settled.values() {
             ack(delivery, false).await;
         }
     }
 
     /// Nacks `delivery` back into its queue.
     async fn requeue(&self, delivery: &Delivery) {
-        let mut unsettled = self.unsettled.lock().await;
+        let _turn = self.turn.lock().await;
         let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-        unsettled.remove(&delivery.delivery_tag);
+        if let Ok(mut unsettled) = self.unsettled.lock() {
+            unsettled.remove(&delivery.delivery_tag);
+        }
     }
 }
 
