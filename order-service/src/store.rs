@@ -223,7 +223,7 @@ pub async fn record_all(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()>
     }
     match orderflow_db::held::hold(events.iter().cloned().map(TimelineEntry).collect()) {
         Ok(()) => Ok(()),
-        Err(_) => insert_timeline(conn, events).await,
+        Err(_) => insert_timeline(conn, events, true).await,
     }
 }
 
@@ -233,11 +233,14 @@ struct TimelineEntry(Envelope);
 impl orderflow_db::held::HeldRows for TimelineEntry {
     async fn write(conn: &mut Conn, rows: Vec<Self>) -> QueryResult<()> {
         let events: Vec<Envelope> = rows.into_iter().map(|TimelineEntry(e)| e).collect();
-        insert_timeline(conn, &events).await
+        // A flush comes in any size: cached only when it is one row.
+        let cache = events.len() == 1;
+        insert_timeline(conn, &events, cache).await
     }
 }
 
-async fn insert_timeline(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
+/// One `INSERT` of timeline entries, its statement cached if `cache`.
+async fn insert_timeline(conn: &mut Conn, events: &[Envelope], cache: bool) -> QueryResult<()> {
     let rows: Vec<_> = events
         .iter()
         .map(|env| {
@@ -258,7 +261,7 @@ async fn insert_timeline(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()
         .values(&rows)
         .on_conflict(order_timeline::message_id)
         .do_nothing()
-        .cached()
+        .cached_if(cache)
         .execute(conn)
         .await?;
     Ok(())

@@ -20,9 +20,10 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::QueryResult;
 
 /// A query whose prepared statement is cached per connection by its SQL
-/// text (see the module docs). Made with [`CachedDsl::cached`].
+/// text (see the module docs). Made with [`CachedDsl::cached`] (or
+/// [`CachedDsl::cached_if`]).
 #[derive(Debug, Clone, Copy)]
-pub struct Cached<Q>(Q);
+pub struct Cached<Q>(Q, bool);
 
 impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for Cached<Q> {
     fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
@@ -30,7 +31,7 @@ impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for Cached<Q> {
     }
 
     fn is_safe_to_cache_prepared(&self, _backend: &Pg) -> QueryResult<bool> {
-        Ok(true)
+        Ok(self.1)
     }
 }
 
@@ -48,7 +49,16 @@ impl<Q: Query> Query for Cached<Q> {
 pub trait CachedDsl: Sized {
     /// This query, with its prepared statement cached per connection.
     fn cached(self) -> Cached<Self> {
-        Cached(self)
+        Cached(self, true)
+    }
+
+    /// As [`CachedDsl::cached`] when `cache` is true; prepared anew on each
+    /// execution otherwise. For statements whose SQL varies without bound,
+    /// e.g. a batch insert of any size: every size cached on every pooled
+    /// connection costs the service megabytes of statements (and the
+    /// server as much), for statements a batch runs once.
+    fn cached_if(self, cache: bool) -> Cached<Self> {
+        Cached(self, cache)
     }
 }
 

@@ -57,7 +57,9 @@ struct Held(Envelope);
 impl orderflow_db::held::HeldRows for Held {
     async fn write(conn: &mut Conn, rows: Vec<Self>) -> QueryResult<()> {
         let events: Vec<Envelope> = rows.into_iter().map(|Held(e)| e).collect();
-        insert(conn, &events).await
+        // A flush comes in any size: cached only when it is one row.
+        let cache = events.len() == 1;
+        insert(conn, &events, cache).await
     }
 }
 
@@ -96,12 +98,13 @@ pub async fn append_with(conn: &mut Conn, events: &[Envelope], limits: &Limits) 
             let _ = APPENDED.try_with(|a| a.set(true));
             Ok(())
         }
-        Err(_) => insert(conn, events).await,
+        Err(_) => insert(conn, events, true).await,
     }
 }
 
-/// One `INSERT` of `events` (checked already).
-async fn insert(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
+/// One `INSERT` of `events` (checked already), its statement cached if
+/// `cache` (see `orderflow_db::CachedDsl::cached_if`).
+async fn insert(conn: &mut Conn, events: &[Envelope], cache: bool) -> QueryResult<()> {
     if events.is_empty() {
         return Ok(());
     }
@@ -120,7 +123,7 @@ async fn insert(conn: &mut Conn, events: &[Envelope]) -> QueryResult<()> {
             occurred_at: e.occurred_at,
         })
         .collect::<Vec<_>>();
-    diesel::insert_into(outbox::table).values(&rows).cached().execute(conn).await?;
+    diesel::insert_into(outbox::table).values(&rows).cached_if(cache).execute(conn).await?;
     // Outside `watch_appends` there is no one to tell.
     let _ = APPENDED.try_with(|a| a.set(true));
     for e in events {

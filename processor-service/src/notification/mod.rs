@@ -171,7 +171,7 @@ impl HeldRows for Recorded {
             .on_conflict((notifications::order_id, notifications::kind))
             .do_nothing()
             .returning(notifications::kind)
-            .cached()
+            .cached_if(values.len() == 1)
             .get_results::<String>(conn)
             .await?
             .into_iter()
