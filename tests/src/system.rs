@@ -176,7 +176,10 @@ fn free_port() -> u16 {
 
 /// Every consumer the services declare, so the test broker deletes them.
 pub fn consumer_specs() -> Vec<QueueSpec> {
-    let tiers = RETRY_DELAYS.split(',').count();
+    // The delays the services are started with: the retry queues are named
+    // by them (placeholders here left every retry queue behind).
+    let delays: Vec<Duration> =
+        RETRY_DELAYS.split(',').map(|d| humantime::parse_duration(d).expect("RETRY_DELAYS")).collect();
     [
         (order_service::outcomes::CONSUMER, order_service::outcomes::BINDINGS),
         (processor_service::inventory::CONSUMER, processor_service::inventory::BINDINGS),
@@ -188,7 +191,7 @@ pub fn consumer_specs() -> Vec<QueueSpec> {
     .map(|(consumer, bindings)| QueueSpec {
         consumer: consumer.to_owned(),
         bindings: bindings.iter().map(|b| (*b).to_owned()).collect(),
-        retry_delays: vec![Duration::from_millis(1); tiers],
+        retry_delays: delays.clone(),
         delivery_limit: 20,
     })
     .collect()
