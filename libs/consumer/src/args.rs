@@ -30,6 +30,11 @@ pub struct ConsumerArgs {
     /// only what has arrived, so a lone message is never delayed.
     #[arg(long, env = "CONSUMER_BATCH_LINGER", default_value = "0ms", value_parser = orderflow_telemetry::args::duration)]
     pub consumer_batch_linger: Duration,
+    /// While other batches are in flight, how long a batch that is not full
+    /// waits for one of them to finish before starting beside them (0: at
+    /// once). Keeps transactions few and large below saturation.
+    #[arg(long, env = "CONSUMER_BATCH_BUSY_WAIT", default_value = "100ms", value_parser = orderflow_telemetry::args::duration)]
+    pub consumer_batch_busy_wait: Duration,
     /// Longest one message's handling may take; also the server-side
     /// statement and lock timeout of handler transactions. Past it the
     /// message goes through the retry tiers, then to the dead-letter queue.
@@ -62,6 +67,7 @@ impl ConsumerArgs {
         cfg.concurrency = usize::from(self.consumer_concurrency);
         cfg.batch_size = usize::from(self.consumer_batch_size);
         cfg.batch_linger = self.consumer_batch_linger;
+        cfg.batch_busy_wait = self.consumer_batch_busy_wait;
         cfg.handler_timeout = self.handler_timeout;
         cfg
     }

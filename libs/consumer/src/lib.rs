@@ -3,7 +3,10 @@
 //! Deliveries are handled in batches: a batch takes the deliveries that have
 //! arrived (up to [`ConsumerConfig::batch_size`], waiting at most
 //! [`ConsumerConfig::batch_linger`], zero by default, so a lone message is
-//! never delayed), and [`ConsumerConfig::concurrency`] batches run at once.
+//! never delayed), and up to [`ConsumerConfig::concurrency`] batches run at
+//! once; while others are in flight, a batch that is not full first waits
+//! (up to [`ConsumerConfig::batch_busy_wait`]) for one of them to finish, so
+//! below saturation one larger transaction runs at a time.
 //! Per batch: decode every envelope and typed event (undecodable, unknown
 //! type or unknown major version: dead-letter at once with the reason);
 //! begin ONE transaction, with server-side statement and lock timeouts;
@@ -13,7 +16,7 @@
 //! each new message, which changes domain rows and appends outbox rows.
 //! Then ONE commit (`synchronous_commit` stays on), one relay wake-up (if
 //! a handler appended outbox rows: `orderflow_outbox::watch_appends`),
-//! [`Handler::committed`], and only then the acks (one per delivery) and
+//! [`Handler::committed`], and only then the acks (merged where they can be) and
 //! the failed messages' forwards.
 //!
 //! That first run has no savepoints (each costs two round trips per

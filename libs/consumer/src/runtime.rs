@@ -77,6 +77,15 @@ pub struct ConsumerConfig {
     /// message is never delayed; under load, deliveries queue up while the
     /// batches in flight commit, and the next batch takes them together.
     pub batch_linger: Duration,
+    /// While other batches of this consumer are in flight, how long a batch
+    /// that is not full waits for one of them to finish (taking what
+    /// arrives meanwhile) before it starts beside them. Zero starts it at
+    /// once. Below saturation this keeps one transaction in flight per
+    /// consumer, taking everything that queued up while the last one ran:
+    /// fewer, larger transactions that do not contend with each other.
+    /// Under a backlog full batches still run `concurrency` at once, and a
+    /// stalled batch holds the others back only this long.
+    pub batch_busy_wait: Duration,
     /// On shutdown, how long in-flight messages may take to finish before
     /// they are left to the broker to redeliver.
     pub drain_timeout: Duration,
@@ -112,6 +121,7 @@ impl ConsumerConfig {
             concurrency: 8,
             batch_size: 32,
             batch_linger: Duration::ZERO,
+            batch_busy_wait: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(10),
             reconnect_max: Duration::from_secs(30),
             reconnect_reset_after: Duration::from_secs(30),
@@ -331,19 +341,34 @@ async fn session<H: Handler>(
             None => break SessionEnd::Lost(Box::new(Lost::Cancelled)),
         };
         // Take what has arrived meanwhile (and, with a linger, what arrives
-        // shortly), up to the batch size.
-        let linger_until = tokio::time::Instant::now() + ctx.cfg.batch_linger;
+        // shortly), up to the batch size. While other batches are in flight,
+        // a batch that is not full also waits for one of them to finish
+        // (taking what arrives meanwhile) rather than start a small
+        // transaction beside it; see `ConsumerConfig::batch_busy_wait`.
+        let now = tokio::time::Instant::now();
+        let linger_until = (!ctx.cfg.batch_linger.is_zero()).then(|| now + ctx.cfg.batch_linger);
+        let mut busy_until =
+            (!tasks.is_empty() && !ctx.cfg.batch_busy_wait.is_zero()).then(|| now + ctx.cfg.batch_busy_wait);
         let mut ended = None;
         while batch.len() < ctx.cfg.batch_size.max(1) {
             let next = match consumer.next().now_or_never() {
                 Some(next) => next,
-                None if !ctx.cfg.batch_linger.is_zero() => {
-                    match tokio::time::timeout_at(linger_until, consumer.next()).await {
-                        Ok(next) => next,
-                        Err(_) => break,
+                None => {
+                    let Some(until) = linger_until.max(busy_until) else { break };
+                    tokio::select! {
+                        biased;
+                        // One finished: from now on only what has arrived (and the linger).
+                        _ = tasks.join_next(), if busy_until.is_some() => {
+                            busy_until = None;
+                            continue;
+                        }
+                        next = tokio::time::timeout_at(until, consumer.next()) => match next {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        },
+                        _ = shutdown.cancelled() => break,
                     }
                 }
-                None => break,
             };
             match next {
                 Some(Ok(delivery)) => batch.push(delivery),

@@ -470,3 +470,58 @@ async fn a_message_prepare_leaves_out_goes_later_and_alone_the_rest_commit_at_on
     shutdown.cancel();
     task.await.unwrap();
 }
+
+/// Below saturation one transaction per consumer is in flight: what arrives
+/// while a batch runs waits for it and goes in the next one together,
+/// instead of a small transaction of its own beside it (which contends with
+/// it for rows, connections and CPU). With concurrency 4, three messages
+/// published one after another while a gated batch is in flight are not
+/// handled beside it, and go in one transaction after it. (The broker counts
+/// a message as delivered a moment before the consumer has it, so a round
+/// whose last message reached the consumer only after the gated batch ended
+/// is run again; the old runtime started a batch per arrival, never one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_arrives_while_a_batch_runs_waits_for_it_and_goes_in_one_transaction() {
+    let s = setup(&[]).await;
+    let handler = Recorder::default();
+    let shutdown = CancellationToken::new();
+    let mut cfg = s.config(&s.broker.amqp_url);
+    cfg.concurrency = 4;
+    cfg.batch_linger = Duration::ZERO;
+    // Far longer than the test: only the gated batch's end may start the next.
+    cfg.batch_busy_wait = Duration::from_secs(120);
+    let task = tokio::spawn(run(cfg, s.db.pool.clone(), handler.clone(), shutdown.clone()));
+    let mut handled = 0;
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let gate = declined("gate");
+        let entered = handler.entered.notified();
+        s.broker.publish(&s.channel, &gate).await;
+        tokio::time::timeout(DEADLINE, entered).await.expect("the gated message is handled");
+        let later: Vec<Envelope> = (0..3).map(|_| declined("later")).collect();
+        for env in &later {
+            s.broker.publish(&s.channel, env).await;
+        }
+        eventually("the later messages delivered", DEADLINE, || async { s.ready_in_queue().await == 0 }).await;
+        for env in &later {
+            assert_eq!(handler.calls(env.message_id), 0, "handled while the gated batch was in flight");
+        }
+        handler.release.add_permits(1);
+        handled += 4;
+        eventually("every message handled", DEADLINE, || async {
+            count(&s.db.pool, "SELECT count(*) AS n FROM inbox").await == handled
+        })
+        .await;
+        let ids = later.iter().map(|e| format!("'{}'", e.message_id)).collect::<Vec<_>>().join(",");
+        let txs =
+            count(&s.db.pool, &format!("SELECT count(DISTINCT tx) AS n FROM effects WHERE message_id IN ({ids})"))
+                .await;
+        rounds.push(txs);
+        if txs == 1 {
+            break;
+        }
+    }
+    assert_eq!(rounds.last(), Some(&1), "transactions of the later messages, per round: {rounds:?}");
+    shutdown.cancel();
+    task.await.unwrap();
+}
