@@ -19,6 +19,14 @@ use crate::BrokerError;
 /// the kernel's TCP timeout, minutes later.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest frame this client asks for, unless the URL sets `frame_max`.
+/// lapin keeps a receive and a send buffer of 32 frames per connection,
+/// zero-filled when the size is negotiated: at RabbitMQ's 128 KiB that was
+/// 8 MiB of resident memory per connection, and every consumer has one
+/// (processor-service four). orderflow's messages are a few KiB; a larger
+/// one is simply sent in more frames.
+pub const FRAME_MAX: u32 = 16 * 1024;
+
 /// A configured `AMQP_URL` that is not a list of AMQP URLs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
@@ -136,7 +144,17 @@ pub async fn connect_any(addresses: &Addresses, name: &str) -> Result<Connection
         let i = (start + k) % urls.len();
         let url = &urls[i];
         let props = ConnectionProperties::default().with_connection_name(name.into());
-        let reason = match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+        let connect = async {
+            match AMQPUri::from_str(url) {
+                Ok(mut uri) => {
+                    uri.query.frame_max.get_or_insert(FRAME_MAX);
+                    Connection::connect_uri(uri, props).await
+                }
+                // Checked when the list was parsed; lapin says what is wrong.
+                Err(_) => Connection::connect(url, props).await,
+            }
+        };
+        let reason = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(connection)) => {
                 set_next(addresses, i + 1);
                 if !failures.is_empty() {

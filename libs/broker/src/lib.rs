@@ -22,7 +22,7 @@ mod addresses;
 mod properties;
 mod topology;
 
-pub use addresses::{AddressError, Addresses, AmqpUrlsParser, CONNECT_TIMEOUT, connect_any};
+pub use addresses::{AddressError, Addresses, AmqpUrlsParser, CONNECT_TIMEOUT, FRAME_MAX, connect_any};
 pub use lapin;
 pub use properties::{header_i64, header_str, properties_for};
 pub use topology::{DEAD_LETTER_DELIVERY_LIMIT, QUORUM_GROUP_SIZE, QueueSpec, Topology};

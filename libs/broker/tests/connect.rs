@@ -77,3 +77,35 @@ async fn connections_spread_over_the_nodes_and_a_lost_one_moves_on() {
         c.close(200, "bye".into()).await.unwrap();
     }
 }
+
+fn resident_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// lapin keeps 32 frames of receive and of send buffer per connection,
+/// zero-filled: at RabbitMQ's default frame size (128 KiB) 8 MiB resident
+/// per connection, and each consumer has a connection. Connections ask for
+/// `FRAME_MAX` unless the URL says otherwise, and stay small.
+#[tokio::test]
+async fn connections_negotiate_small_frames_and_stay_small_in_memory() {
+    let url = infra().await.amqp_url.clone();
+    let before = resident_kib();
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let conn = connect(&url, "test-frames").await.unwrap();
+        assert_eq!(conn.configuration().frame_max(), orderflow_broker::FRAME_MAX);
+        conns.push(conn);
+    }
+    let grown_mib = (resident_kib().saturating_sub(before)) as f64 / 1024.0;
+    assert!(grown_mib < 8.0, "4 connections took {grown_mib:.1} MiB resident");
+    // A frame size in the URL wins.
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let own = connect(&format!("{url}{sep}frame_max=65536"), "test-frames").await.unwrap();
+    assert_eq!(own.configuration().frame_max(), 65536);
+    conns.push(own);
+    for conn in conns {
+        conn.close(200, "bye".into()).await.unwrap();
+    }
+}
