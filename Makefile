@@ -95,4 +95,4 @@ infra-down: ## Stop the Docker Compose services
 clean-test-data: ## Drop leftover test databases and test queues (t<random>.*) from killed runs
 	psql -h 127.0.0.1 -U postgres -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'of\_t\_%'" | \
 	  xargs -r -I{} psql -h 127.0.0.1 -U postgres -qc 'DROP DATABASE IF EXISTS "{}" WITH (FORCE)'
-	rabbitmqctl list_queues name -q | grep -E '^t[0-9a-f]{10}\.' | xargs -r -n1 rabbitmqctl delete_queue -q
+	rabbitmqctl list_queues name -q | { grep -E '^t[0-9a-f]{10}\.' || true; } | $(CARGO) run --quiet -p orderflow-testkit --bin delete-queues

@@ -59,7 +59,9 @@ async fn points_are_granted_once_under_duplicate_delivery_and_revoked_on_cancel(
     broker.track(&QueueSpec {
         consumer: CONSUMER.into(),
         bindings: Input::BINDINGS.iter().map(|b| (*b).to_owned()).collect(),
-        retry_delays: vec![Duration::from_millis(100); 3],
+        // The tiers the service declares (`--retry-delays` below), so that
+        // the test's cleanup deletes every one of them.
+        retry_delays: [100, 200, 300].map(Duration::from_millis).to_vec(),
         delivery_limit: 20,
     });
     // A probe queue for what the service publishes.

@@ -52,7 +52,10 @@ fn created(sku: &str, quantity: i32) -> Envelope {
 async fn the_same_message_delivered_twice_changes_stock_once() {
     let db = TestDb::new(Some(processor_service::MIGRATIONS)).await;
     let broker = TestBroker::new().await;
-    let delays = "100ms,200ms,300ms";
+    // The tracked specs name the same retry tiers the service declares, so
+    // that the test's cleanup deletes every one of them.
+    let delays_ms = [100u64, 200, 300];
+    let delays = delays_ms.map(|d| format!("{d}ms")).join(",");
     for (consumer, bindings) in [
         (inventory::CONSUMER, inventory::BINDINGS),
         (payment::CONSUMER, payment::BINDINGS),
@@ -62,7 +65,7 @@ async fn the_same_message_delivered_twice_changes_stock_once() {
         broker.track(&QueueSpec {
             consumer: consumer.into(),
             bindings: bindings.iter().map(|b| (*b).to_owned()).collect(),
-            retry_delays: vec![Duration::from_millis(1); 3],
+            retry_delays: delays_ms.iter().map(|d| Duration::from_millis(*d)).collect(),
             delivery_limit: 20,
         });
     }
@@ -83,7 +86,7 @@ async fn the_same_message_delivered_twice_changes_stock_once() {
         "--consumer-concurrency",
         "1",
         "--retry-delays",
-        delays,
+        &delays,
         "--catalog",
         r#"[{"sku": "SKU-1", "name": "Beans", "price": 1.00, "on_hand": 100}]"#,
     ])

@@ -172,7 +172,7 @@ async fn two_replicas_and_a_slow_webhook_deliver_each_notification_once() {
     let sys =
         System::start(Options { processor_extra: flags.iter().map(|s| s.to_string()).collect(), ..Options::default() })
             .await;
-    let _replica = sys.processor_replica(&[]).await;
+    let replica = sys.processor_replica(&[]).await;
     const ORDERS: usize = 12;
     let bodies: Vec<Value> = (0..ORDERS).map(|i| order_body(&format!("r{i}"), &[("SKU-2", 1, 1299)])).collect();
     let ids = join_all(bodies.iter().map(|b| sys.place(b))).await;
@@ -189,5 +189,8 @@ async fn two_replicas_and_a_slow_webhook_deliver_each_notification_once() {
     let accepted = sink.accepted();
     let twice: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "delivered more than once by the two replicas: {twice:?}");
+    // Before the system: a replica still running when the test topology is
+    // deleted declares its queues again, and they stay on the broker.
+    replica.stop().await;
     sys.stop().await;
 }
