@@ -92,7 +92,7 @@ infra-up: ## Start PostgreSQL and RabbitMQ with Docker Compose (needs a Docker e
 infra-down: ## Stop the Docker Compose services
 	docker compose -f infra/docker-compose.yml down
 
-clean-test-data: ## Drop leftover test databases and test queues (t<random>.*) from killed runs
+clean-test-data: ## Drop leftover test databases and test queues (t<random>.*, fuzz<random>.*) from killed or failed runs
 	psql -h 127.0.0.1 -U postgres -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'of\_t\_%'" | \
 	  xargs -r -I{} psql -h 127.0.0.1 -U postgres -qc 'DROP DATABASE IF EXISTS "{}" WITH (FORCE)'
-	rabbitmqctl list_queues name -q | { grep -E '^t[0-9a-f]{10}\.' || true; } | $(CARGO) run --quiet -p orderflow-testkit --bin delete-queues
+	rabbitmqctl list_queues name -q | { grep -E '^(t[0-9a-f]{10}|fuzz[0-9a-f]{8})\.' || true; } | $(CARGO) run --quiet -p orderflow-testkit --bin delete-queues

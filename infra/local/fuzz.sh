@@ -20,8 +20,6 @@ SEED=${FUZZ_SEED:-1}
 SCHEMATHESIS_VERSION=4.32.5
 LOGS=${LOGS:-.run}
 PG_URL=postgres://postgres@127.0.0.1:5432
-CONSUMERS=(orders inventory payment shipping notification)
-RETRY_TIERS=3 # the services' default CONSUMER_RETRY_DELAYS has three tiers
 
 infra/local/services.sh check
 mkdir -p "$LOGS"
@@ -55,13 +53,13 @@ cleanup() {
       psql "$PG_URL/postgres" -qXc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 ||
         echo "could not drop database $db" >&2
     done
-    local queues=()
-    for c in "${CONSUMERS[@]}"; do
-      queues+=("$PREFIX.$c" "$PREFIX.$c.dlq")
-      for tier in $(seq 0 $((RETRY_TIERS - 1))); do queues+=("$PREFIX.$c.retry.$tier"); done
-    done
-    # Each rabbitmqctl call starts an Erlang VM (~0.6 s): a few at a time.
-    printf '%s\n' "${queues[@]}" | xargs -P 5 -n 1 rabbitmqctl delete_queue -q >/dev/null 2>&1 || true
+    # Every queue of the prefix, as the broker lists them (the retry tiers
+    # are named by their delays), deleted over one AMQP connection by the
+    # test kit's delete-queues (built with the workspace's binaries); each
+    # rabbitmqctl call would start an Erlang VM.
+    local deleter=("$BIN/delete-queues")
+    [[ -x "$BIN/delete-queues" ]] || deleter=(xargs -r -P 5 -n 1 rabbitmqctl delete_queue -q)
+    { rabbitmqctl list_queues name -q 2>/dev/null | grep "^$PREFIX\." || true; } | "${deleter[@]}" >/dev/null 2>&1 || true
     # rabbitmqctl has no delete_exchange, and the management plugin (for
     # rabbitmqadmin) may be off: ask the broker itself.
     rabbitmqctl eval -q \
