@@ -442,3 +442,68 @@ async fn watch_appends_tells_a_consumer_whether_to_wake_the_relays() {
     result.unwrap();
     assert!(!appended, "nothing was appended, yet the relays would be woken");
 }
+
+/// The relay sends a batch's mark and its COMMIT in one round trip once the
+/// mark is prepared on the connection. A mark that fails must still leave
+/// its rows unpublished (the COMMIT behind it only rolls the aborted
+/// transaction back), so they go again: duplicates, never a loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_that_fails_leaves_its_rows_to_be_published_again() {
+    let db = TestDb::new(None).await;
+    let broker = TestBroker::new().await;
+    let (_conn, channel) = probe(&broker, &["#"]).await;
+    {
+        let mut conn = db.pool.get().await.unwrap();
+        // The first mark of the poisoned row fails; a sequence counts
+        // outside the transaction that the failure rolls back.
+        use diesel_async::SimpleAsyncConnection;
+        conn.batch_execute(
+            "CREATE SEQUENCE mark_failures; \
+             CREATE FUNCTION fail_first_mark() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF nextval('mark_failures') = 1 THEN RAISE EXCEPTION 'injected mark failure'; END IF; \
+               RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END; \
+             END $$; \
+             CREATE TRIGGER fail_first_mark BEFORE UPDATE OR DELETE ON outbox FOR EACH ROW \
+               WHEN (OLD.aggregate_id = 'poison') EXECUTE FUNCTION fail_first_mark()",
+        )
+        .await
+        .unwrap();
+    }
+    let mut cfg = fast(&db, &broker);
+    cfg.retention.published = Duration::ZERO;
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(relay::run(cfg, shutdown.clone()));
+    let queue = broker.topology.queue("probe");
+    let got = std::cell::RefCell::new(Vec::new());
+    // First a batch that prepares the mark on the relay's connection, so
+    // the poisoned one is marked in the same round trip as its COMMIT.
+    write(&db.pool, vec![declined(Uuid::now_v7(), 1)]).await;
+    eventually("the first row is published", DEADLINE, || async {
+        let new = drain(&channel, &queue).await;
+        got.borrow_mut().extend(new);
+        count(&db.pool, "SELECT count(*) AS n FROM outbox").await == 0
+    })
+    .await;
+    let poison = Envelope::new(&Noted { key: "poison".into(), note: "v1".into() }, 1, &Metadata::default()).unwrap();
+    let after = declined(Uuid::now_v7(), 1);
+    write(&db.pool, vec![poison.clone()]).await;
+    eventually("the poisoned row's mark failed once", DEADLINE, || async {
+        count(&db.pool, "SELECT count(*) AS n FROM mark_failures WHERE last_value >= 1 AND is_called").await == 1
+    })
+    .await;
+    write(&db.pool, vec![after.clone()]).await;
+    eventually("every row published and the outbox empty", DEADLINE, || async {
+        let new = drain(&channel, &queue).await;
+        got.borrow_mut().extend(new);
+        let ids: Vec<Uuid> = got.borrow().iter().map(|e| e.message_id).collect();
+        ids.contains(&poison.message_id)
+            && ids.contains(&after.message_id)
+            && count(&db.pool, "SELECT count(*) AS n FROM outbox").await == 0
+    })
+    .await;
+    let copies = got.borrow().iter().filter(|e| e.message_id == poison.message_id).count();
+    assert!(copies >= 1, "the poisoned row was published");
+    shutdown.cancel();
+    relay.await.unwrap();
+}

@@ -428,6 +428,9 @@ struct Db {
     workers: Vec<Conn>,
     /// Whether each worker has a transaction open.
     in_tx: Vec<bool>,
+    /// Whether each worker has marked published rows before: the mark's
+    /// statement is then prepared on its connection (see [`Db::mark`]).
+    marked_before: Vec<bool>,
     lanes: crate::lanes::Lanes,
     last_lease: Option<Instant>,
     progress: Progress,
@@ -448,12 +451,30 @@ impl Db {
         }
         info!(relay = %cfg.relay_id, "database session open");
         let in_tx = vec![false; workers.len()];
-        Ok(Self { session, workers, in_tx, lanes, last_lease: None, progress: Progress::default(), limit })
+        let marked_before = vec![false; workers.len()];
+        Ok(Self {
+            session,
+            workers,
+            in_tx,
+            marked_before,
+            lanes,
+            last_lease: None,
+            progress: Progress::default(),
+            limit,
+        })
     }
 
-    async fn begin(&mut self, w: usize) -> Result<(), RelayError> {
+    /// Opens a claim transaction on worker `w` and claims up to `limit` rows
+    /// of `lanes` in it, in one round trip: the `BEGIN` and the claim are
+    /// sent together (pipelined), in that order. A failed `BEGIN` fails the
+    /// claim behind it; a failed claim leaves the transaction for
+    /// [`Db::pump`] to roll back, as before.
+    async fn begin_and_claim(&mut self, w: usize, lanes: &[i16], limit: i64) -> Result<Vec<PendingRow>, RelayError> {
         self.in_tx[w] = true;
-        bounded(self.limit, self.workers[w].batch_execute("BEGIN")).await
+        let conn: &Conn = &self.workers[w];
+        let begin = async { (&mut { conn }).batch_execute("BEGIN").await };
+        let claim = store::claim(conn, lanes, limit);
+        bounded(self.limit, async { futures::try_join!(begin, claim).map(|((), rows)| rows) }).await
     }
 
     async fn commit(&mut self, w: usize) -> Result<(), RelayError> {
@@ -613,8 +634,7 @@ impl Db {
             return Ok((0, None));
         }
         let started = Instant::now();
-        self.begin(w).await?;
-        let rows = bounded(self.limit, store::claim(&mut self.workers[w], &lanes, cfg.batch_size)).await?;
+        let rows = self.begin_and_claim(w, &lanes, cfg.batch_size).await?;
         if rows.is_empty() {
             self.commit(w).await?;
             return Ok((0, None));
@@ -662,8 +682,7 @@ impl Db {
         }
         let limit = i64::try_from(*careful).unwrap_or(cfg.batch_size).min(cfg.batch_size);
         let started = Instant::now();
-        self.begin(0).await?;
-        let rows = bounded(self.limit, store::claim(&mut self.workers[0], &lanes, limit)).await?;
+        let rows = self.begin_and_claim(0, &lanes, limit).await?;
         if rows.is_empty() {
             self.commit(0).await?;
             *careful = 0;
@@ -743,10 +762,30 @@ impl Db {
             std::process::abort();
         }
         let confirmed = batch.started.elapsed();
-        let has_next =
-            bounded(self.limit, store::mark(&mut self.workers[w], &batch.rows, &batch.outcomes, cfg)).await?;
-        let marked = batch.started.elapsed();
-        self.commit(w).await?;
+        let (has_next, marked) = if self.marked_before[w] && store::marks_in_one(&batch.outcomes) {
+            // The mark and the COMMIT in one round trip. Only when the mark
+            // is one statement already prepared on this connection: then it
+            // is sent at its first poll, before the COMMIT is (a statement
+            // still to prepare would let the COMMIT overtake it). If the
+            // mark fails, the COMMIT behind it finds the transaction aborted
+            // and rolls it back: the rows stay unpublished, as on any
+            // failure, and the error is the mark's.
+            let conn: &Conn = &self.workers[w];
+            let mark = store::mark(conn, &batch.rows, &batch.outcomes, cfg);
+            let commit = async { (&mut { conn }).batch_execute("COMMIT").await };
+            let has_next =
+                bounded(self.limit, async { futures::try_join!(mark, commit).map(|(has_next, ())| has_next) }).await?;
+            self.in_tx[w] = false;
+            self.progress.committed = true;
+            (has_next, batch.started.elapsed())
+        } else {
+            let has_next =
+                bounded(self.limit, store::mark(&self.workers[w], &batch.rows, &batch.outcomes, cfg)).await?;
+            let marked = batch.started.elapsed();
+            self.commit(w).await?;
+            self.marked_before[w] |= batch.outcomes.contains(&Some(Outcome::Published));
+            (has_next, marked)
+        };
         let committed = batch.started.elapsed();
         if batch.outcomes.contains(&Some(Outcome::Published)) {
             self.progress.published = true;

@@ -43,8 +43,17 @@ pub const CLAIM_SQL: &str = "SELECT o.id, o.message_id, o.event_type, o.schema_v
 /// whatever the table's size or statistics when it was planned. (Left to
 /// the planner, a plan made on an empty or unanalyzed outbox scanned every
 /// unpublished row for every candidate: quadratic in the backlog.)
-pub(crate) async fn claim(conn: &mut Conn, lanes: &[i16], limit: i64) -> diesel::QueryResult<Vec<PendingRow>> {
-    diesel::sql_query(CLAIM_SQL).bind::<Array<SmallInt>, _>(lanes).bind::<BigInt, _>(limit).cached().load(conn).await
+///
+/// Takes the connection shared, so that the relay can send it in one round
+/// trip with the `BEGIN` before it (see `Db::start`).
+pub(crate) async fn claim(conn: &Conn, lanes: &[i16], limit: i64) -> diesel::QueryResult<Vec<PendingRow>> {
+    let mut shared = conn;
+    diesel::sql_query(CLAIM_SQL)
+        .bind::<Array<SmallInt>, _>(lanes)
+        .bind::<BigInt, _>(limit)
+        .cached()
+        .load(&mut shared)
+        .await
 }
 
 /// Session settings of the relay's connections that claim and mark: with them the
@@ -70,8 +79,13 @@ struct Marked {
 /// unpublished event is claimable): it can be claimed as soon as this
 /// commits. Otherwise nothing the batch held back is waiting, and the relay
 /// need not claim again until a wake-up or its poll.
+///
+/// Takes the connection shared, so that the relay can send the `COMMIT`
+/// right behind it (see `Db::mark`). With only published rows it sends one
+/// statement, at its first poll once that statement is prepared on the
+/// connection; failed rows take a second one, sent after the first answer.
 pub(crate) async fn mark(
-    conn: &mut Conn,
+    conn: &Conn,
     rows: &[PendingRow],
     outcomes: &[Option<Outcome>],
     cfg: &RelayConfig,
@@ -91,7 +105,7 @@ pub(crate) async fn mark(
                  WHERE n.aggregate_id = o.aggregate_id AND n.id > o.id AND n.published_at IS NULL) AS has_next"
         };
         let marked: Vec<Marked> =
-            diesel::sql_query(sql).bind::<Array<BigInt>, _>(&published).cached().load(conn).await?;
+            diesel::sql_query(sql).bind::<Array<BigInt>, _>(&published).cached().load(&mut { conn }).await?;
         has_next = marked.iter().any(|m| m.has_next);
     }
     // Failed rows: one statement for all of them, not a round trip each.
@@ -131,10 +145,16 @@ pub(crate) async fn mark(
         .bind::<Array<Double>, _>(&delays)
         .bind::<Array<diesel::sql_types::Bool>, _>(&deads)
         .cached()
-        .execute(conn)
+        .execute(&mut { conn })
         .await?;
     }
     Ok(has_next)
+}
+
+/// Whether [`mark`] will send a single statement: only published rows
+/// (or none), no failed ones.
+pub(crate) fn marks_in_one(outcomes: &[Option<Outcome>]) -> bool {
+    outcomes.iter().all(|o| matches!(o, Some(Outcome::Published) | None))
 }
 
 /// Backoff of a row after its `attempts`-th failure: base × 2^attempts,
