@@ -243,7 +243,7 @@ pub struct DescribeArgs {
     pub consumers: crate::catalog::ConsumerArgs,
     /// The retry delays the services run with (their delay queues are named by them); the
     /// services' setting and default.
-    #[arg(long, env = "CONSUMER_RETRY_DELAYS", default_value = "1s,5s,30s", value_delimiter = ',', value_parser = orderflow_telemetry::args::positive_duration)]
+    #[arg(long, env = "CONSUMER_RETRY_DELAYS", default_value = orderflow_broker::DEFAULT_RETRY_DELAYS, value_delimiter = ',', value_parser = orderflow_telemetry::args::positive_duration)]
     pub retry_delays: Vec<Duration>,
     /// The delivery limit the services declare their queues with; the services' setting and default.
     #[arg(long, env = "CONSUMER_DELIVERY_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]

@@ -15,7 +15,8 @@
 //! - intake: `POST /orders` alone (only order-service running) at 16 and 64
 //!   connections, against pgbench;
 //! - latency: a sweep of offered rates (p50/p99 from the scheduled POST to
-//!   the first poll that sees the order final), and 200 orders/s;
+//!   the first poll that sees the order final), and 200 orders/s, with
+//!   where its time went from stage to stage;
 //! - throughput: the highest offered rate sustained for the run's length
 //!   with a bounded backlog (sampled once a second), spread over 100
 //!   products, starting at the sweep's best completed rate, then 15% steps
@@ -50,7 +51,7 @@ use orderflow_broker::lapin::types::FieldTable;
 use orderflow_broker::lapin::{Channel, Connection};
 use orderflow_contracts::events::PaymentDeclined;
 use orderflow_db::Pool;
-use orderflow_e2e::consumer_specs;
+use orderflow_e2e::consumer_specs_with;
 use orderflow_e2e::load::Report;
 use orderflow_envelope::{Envelope, Metadata};
 use orderflow_testkit::{TestBroker, TestDb};
@@ -107,7 +108,7 @@ fn catalog_json() -> String {
 /// Deliveries one order needs: each happy-path event once per consumer
 /// bound to it (from the services' BINDINGS).
 fn messages_per_order() -> (usize, usize) {
-    let specs = consumer_specs();
+    let specs = consumer_specs_with(orderflow_broker::DEFAULT_RETRY_DELAYS);
     let deliveries =
         HAPPY_PATH.iter().map(|e| specs.iter().filter(|s| s.bindings.iter().any(|b| b == e)).count()).sum();
     (HAPPY_PATH.len(), deliveries)
@@ -236,6 +237,65 @@ async fn by_sku(pool: &Pool, sql: &str) -> BTreeMap<String, i64> {
     let mut conn = pool.get().await.unwrap();
     let rows = diesel::sql_query(sql).load::<SkuN>(&mut conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     rows.into_iter().map(|r| (r.sku, r.n)).collect()
+}
+
+#[derive(QueryableByName)]
+struct At {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    t: f64,
+}
+
+async fn times(pool: &Pool, sql: &str, tag: &str) -> BTreeMap<String, f64> {
+    let mut conn = pool.get().await.unwrap();
+    let rows = diesel::sql_query(sql)
+        .bind::<Text, _>(format!("{tag}-%"))
+        .load::<At>(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.into_iter().map(|r| (r.id, r.t)).collect()
+}
+
+/// Where the time of run `tag`'s confirmed orders went: the gaps between
+/// the starts of the transactions of successive stages (the POST's, then
+/// inventory's, payment's, shipping's, and order-service's that confirms),
+/// read from the rows each wrote (`created_at` defaults to the transaction's
+/// start). Each gap is that stage's transaction, its relay hop (wake-up,
+/// claim, publish, confirm) and the next consumer's wait for the message.
+async fn stage_gaps(system: &System, tag: &str) -> String {
+    let epoch = |col: &str| format!("extract(epoch from {col})::float8 AS t");
+    let orders = &system.orders_db.pool;
+    let processor = &system.processor_db.pool;
+    let posted = times(
+        orders,
+        &format!("SELECT id, {} FROM orders WHERE status = 'confirmed' AND id LIKE $1", epoch("created_at")),
+        tag,
+    )
+    .await;
+    let confirmed = times(
+        orders,
+        &format!("SELECT id, {} FROM orders WHERE status = 'confirmed' AND id LIKE $1", epoch("updated_at")),
+        tag,
+    )
+    .await;
+    let mut stages = vec![("POST", posted)];
+    for (name, table) in [("reserved", "reservations"), ("paid", "payments"), ("shipped", "shipments")] {
+        let sql = format!("SELECT order_id AS id, {} FROM {table} WHERE order_id LIKE $1", epoch("created_at"));
+        stages.push((name, times(processor, &sql, tag).await));
+    }
+    stages.push(("confirmed", confirmed));
+    let pct = |v: &mut Vec<f64>, q: f64| {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(f64::NAN) * 1000.0
+    };
+    let mut parts = Vec::new();
+    for pair in stages.windows(2) {
+        let ((from, a), (to, b)) = (&pair[0], &pair[1]);
+        let mut gaps: Vec<f64> = a.iter().filter_map(|(id, t)| b.get(id).map(|u| u - t)).collect();
+        parts.push(format!("{from} -> {to} {:.0} / {:.0}", pct(&mut gaps, 0.5), pct(&mut gaps, 0.99)));
+    }
+    format!("{} ms (p50 / p99)", parts.join(", "))
 }
 
 /// What must hold once the system is idle: every order final, stock moved
@@ -469,7 +529,7 @@ impl System {
             p.stop().await;
         }
         drop(amqp);
-        delete_topology(broker, &consumer_specs()).await;
+        delete_topology(broker, &consumer_specs_with(orderflow_broker::DEFAULT_RETRY_DELAYS)).await;
         drop((orders_db, processor_db));
     }
 
@@ -477,7 +537,7 @@ impl System {
     /// outbox rows, and orders not final yet.
     async fn backlog(&self, channel: &orderflow_broker::lapin::Channel) -> (u64, i64, i64) {
         let mut queued = 0u64;
-        for spec in consumer_specs() {
+        for spec in consumer_specs_with(orderflow_broker::DEFAULT_RETRY_DELAYS) {
             let name = self.broker.topology.queue(&spec.consumer);
             let passive = QueueDeclareOptions { passive: true, ..Default::default() };
             if let Ok(q) = channel.queue_declare(name.as_str().into(), passive, FieldTable::default()).await {
@@ -846,7 +906,7 @@ async fn main() {
     let mut points: Vec<(f64, f64, f64)> = Vec::new();
     let mut best_rate_under_1s: Option<f64> = None;
     let mut best_completed: f64 = 0.0;
-    let mut at_200: Option<Run> = None;
+    let mut at_200: Option<(Run, String)> = None;
     let mut sweep_checks = Vec::new();
     for &rate in &rates {
         println!("latency sweep: {rate}/s for {step} s ...");
@@ -861,7 +921,7 @@ async fn main() {
         }
         sweep_checks.push(run.check.clone());
         if (rate - 200.0).abs() < f64::EPSILON {
-            at_200 = Some(run);
+            at_200 = Some((run, format!("sw{rate}")));
         }
         if !under {
             break;
@@ -875,10 +935,12 @@ async fn main() {
         println!("{}  drained in {:.1} s; {:?}", run.report.render(), run.drained_s, run.check);
         points.push((200.0, run.report.e2e.p50_ms, run.report.e2e.p99_ms));
         best_completed = best_completed.max(run.report.completed_rate);
-        at_200 = Some(run);
+        at_200 = Some((run, "at200".into()));
     }
     points.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let at_200 = at_200.unwrap();
+    let (at_200, at_200_tag) = at_200.unwrap();
+    let gaps = stage_gaps(&system, &at_200_tag).await;
+    println!("  at 200/s, stage to stage: {gaps}");
     rows.push(row(
         "latency at 200 orders/s offered, scheduled POST -> seen final",
         format!(
@@ -888,6 +950,13 @@ async fn main() {
         format!("resolution p99 {:.0} ms", at_200.report.resolution.p99_ms),
         "p50 <= 30 ms, p99 <= 150 ms",
         &at_200.check,
+    ));
+    rows.push(row(
+        "  where it went: from the start of one stage's transaction to the next's",
+        gaps,
+        "each: the transaction, the relay, the wait for delivery".to_owned(),
+        "",
+        &none,
     ));
     let sweep_check = sweep_checks
         .iter()

@@ -29,6 +29,7 @@ mod system;
 mod webhook;
 pub use system::{
     Db, PROBE, PROBE_BINDINGS, Part, RelayHandle, Running, System, UNROUTABLE_EVENT, bin, consumer_specs,
+    consumer_specs_with,
 };
 pub use webhook::WebhookSink;
 

@@ -176,10 +176,16 @@ fn free_port() -> u16 {
 
 /// Every consumer the services declare, so the test broker deletes them.
 pub fn consumer_specs() -> Vec<QueueSpec> {
-    // The delays the services are started with: the retry queues are named
-    // by them (placeholders here left every retry queue behind).
+    consumer_specs_with(RETRY_DELAYS)
+}
+
+/// Every consumer the services declare when started with `retry_delays`
+/// (e.g. [`orderflow_broker::DEFAULT_RETRY_DELAYS`], as the benchmark
+/// starts them): the retry queues are named by them (placeholders here left
+/// every retry queue behind).
+pub fn consumer_specs_with(retry_delays: &str) -> Vec<QueueSpec> {
     let delays: Vec<Duration> =
-        RETRY_DELAYS.split(',').map(|d| humantime::parse_duration(d).expect("RETRY_DELAYS")).collect();
+        retry_delays.split(',').map(|d| humantime::parse_duration(d).expect("retry delays")).collect();
     [
         (order_service::outcomes::CONSUMER, order_service::outcomes::BINDINGS),
         (processor_service::inventory::CONSUMER, processor_service::inventory::BINDINGS),

@@ -25,7 +25,7 @@ mod topology;
 pub use addresses::{AddressError, Addresses, AmqpUrlsParser, CONNECT_TIMEOUT, FRAME_MAX, connect_any};
 pub use lapin;
 pub use properties::{header_i64, header_str, properties_for};
-pub use topology::{DEAD_LETTER_DELIVERY_LIMIT, QUORUM_GROUP_SIZE, QueueSpec, Topology};
+pub use topology::{DEAD_LETTER_DELIVERY_LIMIT, DEFAULT_RETRY_DELAYS, QUORUM_GROUP_SIZE, QueueSpec, Topology};
 
 use lapin::Connection;
 

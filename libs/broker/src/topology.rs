@@ -8,6 +8,11 @@ use lapin::{Channel, ExchangeKind};
 
 use crate::BrokerError;
 
+/// The retry tiers' delays when none are configured (`CONSUMER_RETRY_DELAYS`
+/// of the services and of the relay's CLI): the tiers' queues are named by
+/// them, so whoever cleans a topology up must know them.
+pub const DEFAULT_RETRY_DELAYS: &str = "1s,5s,30s";
+
 /// Delivery limit of dead-letter queues: explicit, so the broker's default
 /// (20 on RabbitMQ 4.x) never applies, and practically unlimited. (-1 means
 /// unlimited on 4.x only; a large positive limit means the same everywhere.)

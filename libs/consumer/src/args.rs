@@ -41,7 +41,7 @@ pub struct ConsumerArgs {
     #[arg(long, env = "CONSUMER_HANDLER_TIMEOUT", default_value = "30s", value_parser = orderflow_telemetry::args::positive_duration)]
     pub handler_timeout: Duration,
     /// Delays of the retry tiers after a transient failure, e.g. `1s,5s,30s`.
-    #[arg(long, env = "CONSUMER_RETRY_DELAYS", default_value = "1s,5s,30s", value_delimiter = ',', value_parser = orderflow_telemetry::args::positive_duration)]
+    #[arg(long, env = "CONSUMER_RETRY_DELAYS", default_value = orderflow_broker::DEFAULT_RETRY_DELAYS, value_delimiter = ',', value_parser = orderflow_telemetry::args::positive_duration)]
     pub retry_delays: Vec<Duration>,
     /// Deliveries after which the broker dead-letters a message by itself
     /// (protects against a message that crashes its consumer every time).
