@@ -11,7 +11,9 @@
 //! - ceilings: pgbench running order-service's POST transaction (order,
 //!   line, outbox row, timeline row; the order RETURNING) at 16 and 64 clients; raw
 //!   publish-with-confirms to a quorum queue, divided by the deliveries one
-//!   order needs (counted from the services' bindings);
+//!   order needs (counted from the services' bindings); and the broker
+//!   alone carrying the pipeline's messages (publishes with confirms,
+//!   deliveries with acks on the services' queues; RabbitMQ's CPU per order);
 //! - intake: `POST /orders` alone (only order-service running) at 16 and 64
 //!   connections, against pgbench;
 //! - latency: a sweep of offered rates (p50/p99 from the scheduled POST to
@@ -31,7 +33,8 @@
 //! BENCH_THROUGHPUT_RATE (the first rate tried; default: the best completed
 //! rate of the sweep), BENCH_INTAKE_SECONDS (15), BENCH_INTAKE_RATE (6000),
 //! BENCH_PGBENCH_SECONDS (15), BENCH_CEILING_MESSAGES (50000),
-//! BENCH_SVG (tests/benches/results/latency.svg), BENCH_SKIP_HOT=1.
+//! BENCH_SVG (tests/benches/results/latency.svg), BENCH_SKIP_HOT=1,
+//! BENCH_CEILINGS_ONLY=1 (the ceilings and intake, then the table).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, missing_docs)]
 
 use std::collections::BTreeMap;
@@ -168,11 +171,23 @@ async fn wait_healthy(http: &reqwest::Client, proc: &mut Proc, url: &str) {
 }
 
 fn cpu_ticks(pid: u32) -> f64 {
+    stat_ticks(pid, false)
+}
+
+/// As `cpu_ticks`, with the CPU of the children the process has reaped:
+/// PostgreSQL's postmaster collects the CPU of every backend that exited
+/// (pgbench's connections end before it is read).
+fn cpu_ticks_with_children(pid: u32) -> f64 {
+    stat_ticks(pid, true)
+}
+
+fn stat_ticks(pid: u32, children: bool) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return 0.0 };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    t(11) + t(12)
+    // utime, stime; then cutime, cstime
+    t(11) + t(12) + if children { t(13) + t(14) } else { 0.0 }
 }
 
 fn comm(pid: &str) -> String {
@@ -186,7 +201,7 @@ fn cpu_by_name(name: &str) -> f64 {
     dir.filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
         .filter(|pid| comm(&pid.to_string()) == name)
-        .map(cpu_ticks)
+        .map(cpu_ticks_with_children)
         .sum::<f64>()
         / 100.0
 }
@@ -418,6 +433,176 @@ async fn raw_publish(broker: &TestBroker, messages: usize) -> f64 {
     .await;
     channel.queue_purge(broker.topology.queue("ceiling").as_str().into(), Default::default()).await.unwrap();
     rate
+}
+
+/// The broker alone carrying the pipeline's messages: every happy-path
+/// event of `orders` orders published with confirms (as the relays
+/// publish) to the services' own topology, and consumed with acks from
+/// their quorum queues (prefetch and merged acks as the consumer runtime
+/// takes them), both at once and as fast as they go. No database, no
+/// handler: what the pipeline would do if PostgreSQL and the services cost
+/// nothing. Returns orders/s and RabbitMQ's CPU per order in ms.
+async fn broker_pipeline(broker: &TestBroker, specs: &[QueueSpec], orders: usize) -> (f64, f64) {
+    use futures::StreamExt as _;
+    use orderflow_broker::lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+    use orderflow_contracts::Money;
+    use orderflow_contracts::events::{
+        InventoryReserved, LineItem, OrderConfirmed, OrderCreated, PaymentAuthorized, ShipmentCreated,
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let (_conn, channel) = amqp(broker).await;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for spec in specs {
+        broker.topology.declare_consumer(&channel, spec).await.unwrap();
+    }
+    let (_, per_order) = messages_per_order();
+    let expected = orders * per_order;
+    let received = Arc::new(AtomicUsize::new(0));
+    let mut consumers = Vec::new();
+    for spec in specs {
+        let (conn, ch) = amqp(broker).await;
+        ch.basic_qos(256, BasicQosOptions::default()).await.unwrap();
+        let stream = ch
+            .basic_consume(
+                broker.topology.queue(&spec.consumer).as_str().into(),
+                format!("floor-{}", spec.consumer).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let received = received.clone();
+        consumers.push(tokio::spawn(async move {
+            // What has arrived, up to a batch, settled with one ack.
+            let mut batches = stream.ready_chunks(32);
+            while let Some(batch) = batches.next().await {
+                let n = batch.len();
+                if let Some(Ok(last)) = batch.into_iter().last() {
+                    last.acker.ack(BasicAckOptions { multiple: true }).await.unwrap();
+                }
+                received.fetch_add(n, Ordering::Relaxed);
+            }
+            drop(conn);
+        }));
+    }
+    let meta = Metadata::default();
+    let items = vec![
+        LineItem { sku: "SKU-0001".into(), quantity: 2, unit_price: Money::from_minor(1999) },
+        LineItem { sku: "SKU-0042".into(), quantity: 1, unit_price: Money::from_minor(4500) },
+    ];
+    let total = Money::from_minor(8498);
+    let envelopes: Vec<Envelope> = (0..orders)
+        .flat_map(|_| {
+            let order_id = Uuid::now_v7().to_string();
+            let customer_id = "customer-1".to_owned();
+            vec![
+                Envelope::new(
+                    &OrderCreated {
+                        order_id: order_id.clone(),
+                        customer_id: customer_id.clone(),
+                        items: items.clone(),
+                        total_amount: total,
+                        force_fail: false,
+                    },
+                    1,
+                    &meta,
+                ),
+                Envelope::new(
+                    &InventoryReserved {
+                        order_id: order_id.clone(),
+                        customer_id: customer_id.clone(),
+                        items: items.clone(),
+                        total_amount: total,
+                        force_fail: false,
+                    },
+                    1,
+                    &meta,
+                ),
+                Envelope::new(
+                    &PaymentAuthorized {
+                        order_id: order_id.clone(),
+                        payment_id: Uuid::now_v7(),
+                        amount: total,
+                        customer_id: Some(customer_id.clone()),
+                    },
+                    1,
+                    &meta,
+                ),
+                Envelope::new(
+                    &ShipmentCreated {
+                        order_id: order_id.clone(),
+                        shipment_id: Uuid::now_v7(),
+                        tracking_number: "TRK-0000000001".into(),
+                        customer_id: Some(customer_id.clone()),
+                    },
+                    1,
+                    &meta,
+                ),
+                Envelope::new(
+                    &OrderConfirmed { order_id, customer_id, total_amount: total, tracking_number: None },
+                    2,
+                    &meta,
+                ),
+            ]
+        })
+        .map(|e| e.unwrap())
+        .collect();
+    let beam = cpu_by_name("beam.smp");
+    let started = Instant::now();
+    let nacked = publish_counting_nacks(&channel, &broker.topology.events_exchange(), &envelopes).await;
+    assert!(nacked.is_empty(), "the broker nacked publishes: {nacked:?}");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // (`AtomicUsize::load` by name: diesel's `RunQueryDsl::load` is in scope.)
+    let got = || AtomicUsize::load(&received, Ordering::Relaxed);
+    while got() < expected {
+        assert!(Instant::now() < deadline, "the broker delivered {} of {expected} messages in 300 s", got());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let beam = cpu_by_name("beam.smp") - beam;
+    for c in consumers {
+        c.abort();
+    }
+    (orders as f64 / elapsed, beam * 1000.0 / orders as f64)
+}
+
+/// Publishes with confirms, a window of `WINDOW`; nacked publishes by
+/// event type.
+async fn publish_counting_nacks(channel: &Channel, exchange: &str, envelopes: &[Envelope]) -> BTreeMap<String, u64> {
+    use futures::StreamExt as _;
+    use futures::stream::FuturesUnordered;
+    use orderflow_broker::lapin::options::BasicPublishOptions;
+    let mut nacked = BTreeMap::new();
+    let mut inflight = FuturesUnordered::new();
+    let mut settle = |(t, c): (String, Result<orderflow_broker::lapin::Confirmation, _>)| {
+        if !c.map(|c| c.is_ack()).unwrap_or(false) {
+            *nacked.entry(t).or_insert(0) += 1;
+        }
+    };
+    for env in envelopes {
+        if inflight.len() >= WINDOW
+            && let Some(done) = inflight.next().await
+        {
+            settle(done);
+        }
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                env.event_type.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &env.to_vec(),
+                orderflow_broker::properties_for(env),
+            )
+            .await
+            .expect("publish");
+        let t = env.event_type.clone();
+        inflight.push(async move { (t, confirm.await) });
+    }
+    while let Some(done) = inflight.next().await {
+        settle(done);
+    }
+    nacked
 }
 
 // ------------------------------------------------------------------- broker
@@ -794,12 +979,19 @@ fn row(what: impl Into<String>, measured: String, ceiling: String, goal: &str, c
 fn cpu_line(run: &Run) -> String {
     let mut parts: Vec<String> = run.cpu.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
     parts.push(format!("loadgen {:.1}", run.report.cpu_s));
+    // Per order accepted in the run: with a bounded backlog, about the
+    // orders the run's CPU carried through.
+    let per_order = |s: f64| s * 1000.0 / (run.report.accepted as f64).max(1.0);
+    let of = |k: &str| per_order(run.cpu.get(k).copied().unwrap_or(0.0));
     format!(
-        "CPU s: {} (machine busy {:.1} s over {:.0} s wall; loadgen {:.1}% of it)",
+        "CPU s: {} (machine busy {:.1} s over {:.0} s wall; loadgen {:.1}% of it); per order {:.2} ms, PostgreSQL {:.2}, RabbitMQ {:.2}",
         parts.join(", "),
         run.machine_busy_s,
         run.report.wall_s,
-        100.0 * run.report.cpu_s / run.machine_busy_s.max(1e-9)
+        100.0 * run.report.cpu_s / run.machine_busy_s.max(1e-9),
+        per_order(run.machine_busy_s),
+        of("postgres"),
+        of("rabbitmq"),
     )
 }
 
@@ -836,11 +1028,20 @@ async fn main() {
     let pg_db = TestDb::new(Some(order_service::MIGRATIONS)).await;
     let intake = System::start(false).await;
     let mut intake_runs = Vec::new();
+    let mut pg_tx_ms = 0.0;
     for conns in [16u32, 64] {
         println!("pgbench, {conns} clients, {pgbench_s} s ...");
+        let pg_cpu = cpu_by_name("postgres");
         let tps = pgbench(&pg_db, conns, pgbench_s).await;
+        // PostgreSQL's CPU per transaction: the unit the pipeline's own
+        // cost per order is compared with.
+        let pg_ms =
+            tps.as_ref().map_or(0.0, |t| (cpu_by_name("postgres") - pg_cpu) * 1000.0 / (t * pgbench_s as f64).max(1.0));
+        if conns == 16 && tps.is_ok() {
+            pg_tx_ms = pg_ms;
+        }
         match &tps {
-            Ok(t) => println!("  pgbench: {t:.0} transactions/s"),
+            Ok(t) => println!("  pgbench: {t:.0} transactions/s, PostgreSQL {pg_ms:.2} ms of CPU per transaction"),
             Err(e) => println!("  {e}"),
         }
         println!("intake, {conns} connections, {intake_s} s at {intake_rate}/s offered ...");
@@ -856,7 +1057,10 @@ async fn main() {
         let run = load(&intake, &l, &format!("in{conns}")).await;
         println!("{}", run.report.render());
         let (ceiling, ratio) = match &tps {
-            Ok(t) => (format!("pgbench {t:.0} tps"), format!("{:.2} x", run.report.achieved_post_rate / t)),
+            Ok(t) => (
+                format!("pgbench {t:.0} tps (PostgreSQL {pg_ms:.2} ms CPU each)"),
+                format!("{:.2} x", run.report.achieved_post_rate / t),
+            ),
             Err(e) => (e.clone(), "n/a".into()),
         };
         rows.push(row(
@@ -894,6 +1098,25 @@ async fn main() {
         "",
         &none,
     ));
+
+    let floor_orders = (ceiling_messages / publishes).max(1);
+    println!("the broker alone, the pipeline's messages of {floor_orders} orders ...");
+    let floor_broker = ManuallyDrop::new(TestBroker::new().await);
+    let specs = consumer_specs_with(orderflow_broker::DEFAULT_RETRY_DELAYS);
+    let (floor_rate, floor_cpu) = broker_pipeline(&floor_broker, &specs, floor_orders).await;
+    delete_topology(floor_broker, &specs).await;
+    println!("  {floor_rate:.0} orders/s, RabbitMQ {floor_cpu:.2} ms of CPU per order");
+    rows.push(row(
+        "the broker alone, the pipeline's messages (no database, no handlers)",
+        format!("{floor_rate:.0} orders/s, RabbitMQ {floor_cpu:.2} ms of CPU per order"),
+        format!("at 500 orders/s RabbitMQ alone would use {:.2} of the {cores} cores", floor_cpu * 500.0 / 1000.0),
+        "",
+        &none,
+    ));
+    if std::env::var("BENCH_CEILINGS_ONLY").is_ok_and(|v| v == "1") {
+        print_table(&rows, cores);
+        return;
+    }
 
     // The pipeline.
     let system = System::start(true).await;
@@ -1044,6 +1267,24 @@ async fn main() {
         ">= 500/s",
         &spread.check,
     ));
+    let per_order = |s: f64| s * 1000.0 / (spread.report.accepted as f64).max(1.0);
+    let (busy_ms, pg_ms, rmq_ms) = (
+        per_order(spread.machine_busy_s),
+        per_order(spread.cpu.get("postgres").copied().unwrap_or(0.0)),
+        per_order(spread.cpu.get("rabbitmq").copied().unwrap_or(0.0)),
+    );
+    rows.push(row(
+        "  CPU per order in that run",
+        format!(
+            "{busy_ms:.2} ms: PostgreSQL {pg_ms:.2} ({:.1} x pgbench's transaction), RabbitMQ {rmq_ms:.2} ({:.1} x the broker alone), the rest {:.2}",
+            pg_ms / pg_tx_ms.max(1e-9),
+            rmq_ms / floor_cpu.max(1e-9),
+            busy_ms - pg_ms - rmq_ms
+        ),
+        format!("500/s on {cores} cores leaves {:.2} ms per order", cores as f64 * 1000.0 / 500.0),
+        "",
+        &none,
+    ));
     rows.push(row(
         "  backlog during that run",
         format!(
@@ -1114,6 +1355,12 @@ async fn main() {
     );
     system.stop().await;
 
+    print_table(&rows, cores);
+    println!("latency chart: {}", svg_path.display());
+}
+
+fn print_table(rows: &[Row], cores: usize) {
+    let date = chrono::Utc::now().format("%Y-%m-%d");
     println!();
     println!("orderflow system benchmark, {date}, {cores} cores (make bench)");
     let wid = |f: &dyn Fn(&Row) -> usize| rows.iter().map(f).max().unwrap_or(0);
@@ -1121,8 +1368,7 @@ async fn main() {
         (wid(&|r| r.what.len()), wid(&|r| r.measured.len()), wid(&|r| r.ceiling.len()), wid(&|r| r.goal.len()));
     println!("| {:<a$} | {:<b$} | {:<c$} | {:<d$} | check |", "what", "measured", "ceiling / reference", "goal");
     println!("|{}|{}|{}|{}|-------|", "-".repeat(a + 2), "-".repeat(b + 2), "-".repeat(c + 2), "-".repeat(d + 2));
-    for r in &rows {
+    for r in rows {
         println!("| {:<a$} | {:<b$} | {:<c$} | {:<d$} | {} |", r.what, r.measured, r.ceiling, r.goal, r.check);
     }
-    println!("latency chart: {}", svg_path.display());
 }
